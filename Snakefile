@@ -1,0 +1,26 @@
+# Overinterpretation in image classifiers (Carter et al., NeurIPS 2021), end to end.
+#   snakemake --cores N                              the paper's CIFAR-10 experiment (config/config.yaml)
+#   snakemake --cores N --configfile config/quick.yaml   every stage at reduced scale
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+validate(config, "workflow/schemas/config.schema.yaml")
+
+
+report: "workflow/report/workflow.rst"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/train.smk"
+
+
+rule all:
+    input:
+        all_outputs(),
+    default_target: True

@@ -1,0 +1,157 @@
+"""CIFAR models (ResNet20, ResNet18, VGG16-BN and a tiny test net), ensembles and input dropout."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs with a residual; ``shortcut='A'`` is the parameter-free zero-padded identity of He et al."""
+
+    def __init__(self, cin: int, cout: int, stride: int, shortcut: str):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.pad = 0
+        self.project = None
+        if stride != 1 or cin != cout:
+            if shortcut == "A":
+                self.pad = (cout - cin) // 2
+            else:
+                self.project = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        self.stride = stride
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.project is not None:
+            x = self.project(x)
+        elif self.stride != 1 or self.pad:
+            x = F.pad(x[:, :, :: self.stride, :: self.stride], (0, 0, 0, 0, self.pad, self.pad))
+        return F.relu(out + x)
+
+
+class ResNet(nn.Module):
+    def __init__(self, widths: list[int], depths: list[int], shortcut: str, num_classes: int = 10):
+        super().__init__()
+        self.stem = conv_bn(3, widths[0])
+        blocks, cin = [], widths[0]
+        for stage, (width, depth) in enumerate(zip(widths, depths)):
+            for i in range(depth):
+                blocks.append(BasicBlock(cin, width, 2 if (i == 0 and stage > 0) else 1, shortcut))
+                cin = width
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Linear(cin, num_classes)
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight)
+
+    def forward(self, x):
+        x = self.blocks(self.stem(x))
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+VGG16_LAYOUT = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
+
+
+class VGG(nn.Module):
+    def __init__(self, layout: list, num_classes: int = 10):
+        super().__init__()
+        layers, cin = [], 3
+        for item in layout:
+            if item == "M":
+                layers.append(nn.MaxPool2d(2))
+            else:
+                layers.append(conv_bn(cin, item))
+                cin = item
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(cin, num_classes)  # single linear classifier, as in the reference
+
+    def forward(self, x):
+        return self.head(torch.flatten(self.features(x), 1))
+
+
+class TinyNet(nn.Module):
+    """A few thousand parameters: small enough for exact BackSelect in tests and smoke runs."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.features = nn.Sequential(conv_bn(3, 8, 2), conv_bn(8, 16, 2), conv_bn(16, 16, 2))
+        self.head = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1))
+
+
+ARCHITECTURES: dict[str, Callable[[], nn.Module]] = {
+    "resnet20": lambda: ResNet([16, 32, 64], [3, 3, 3], shortcut="A"),
+    "resnet18": lambda: ResNet([64, 128, 256, 512], [2, 2, 2, 2], shortcut="B"),
+    "vgg16_bn": lambda: VGG(VGG16_LAYOUT),
+    "tiny": TinyNet,
+}
+
+
+class InputDropout(nn.Module):
+    """Replace each pixel (all channels) by ``baseline`` with probability ``p`` while training.
+
+    In eval mode it is the identity, so predictions and SIS stay deterministic (the reference code also
+    dropped at test time, which made both random).
+    """
+
+    def __init__(self, p: float, baseline: float = 0.0):
+        super().__init__()
+        self.p, self.baseline = p, baseline
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        drop = torch.rand(x.shape[0], 1, *x.shape[2:], device=x.device) < self.p
+        return torch.where(drop, torch.full_like(x, self.baseline), x)
+
+
+def build_model(arch: str, input_dropout: float = 0.0, baseline: float = 0.0) -> nn.Module:
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHITECTURES)}")
+    net = ARCHITECTURES[arch]()
+    if input_dropout > 0:
+        net = nn.Sequential(InputDropout(input_dropout, baseline), net)
+    return net
+
+
+class Ensemble(nn.Module):
+    """Mean of the members' logits (softmax is taken after averaging)."""
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x):
+        return torch.stack([m(x) for m in self.members]).mean(0)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def save_model(path, model: nn.Module, arch: str, **meta) -> None:
+    from .utils import save_torch
+
+    save_torch(path, {"arch": arch, "state_dict": model.state_dict(), "meta": meta})
+
+
+def load_model(path, device: torch.device | str = "cpu") -> nn.Module:
+    """Load a model file written by :func:`save_model`, in eval mode, channels_last, on ``device``."""
+    blob = torch.load(path, map_location=device, weights_only=True)
+    meta = blob.get("meta", {})
+    model = build_model(blob["arch"], meta.get("input_dropout", 0.0), meta.get("baseline", 0.0))
+    model.load_state_dict(blob["state_dict"])
+    return model.to(device, memory_format=torch.channels_last).eval()

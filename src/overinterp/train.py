@@ -1,0 +1,231 @@
+"""Training, in the spirit of the CIFAR speed-run code.
+
+The whole split lives on the device as uint8; each batch is normalised, masked and augmented with tensor
+ops there; the loss is accumulated on the device and read once per epoch. A checkpoint is written
+atomically after every epoch (model, optimiser, schedule, random state), so a killed run resumes and ends
+with the same weights as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .data import Normalizer, Split, load_split
+from .evaluate import predict
+from .models import build_model, save_model
+from .utils import resolve_device, save_dataframe, save_torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Recipe:
+    """The paper's CIFAR-10 recipe; every field is a config value."""
+
+    epochs: int = 200
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    milestones: list[int] = field(default_factory=lambda: [60, 120, 160])
+    gamma: float = 0.2
+    crop_padding: int = 4
+    flip: bool = True
+    input_dropout: float = 0.0
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Recipe":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown training setting(s) {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**values)
+
+
+def augment(x: torch.Tensor, padding: int, flip: bool, fill: float, generator: torch.Generator) -> torch.Tensor:
+    """Random crop (padding filled with ``fill``) and horizontal flip, fresh per image."""
+    n, _, h, w = x.shape
+    if padding:
+        padded = F.pad(x, (padding,) * 4, value=fill)
+        dy = torch.randint(0, 2 * padding + 1, (n, 1, 1), device=x.device, generator=generator)
+        dx = torch.randint(0, 2 * padding + 1, (n, 1, 1), device=x.device, generator=generator)
+        rows = (dy + torch.arange(h, device=x.device).view(1, h, 1)).expand(n, h, w)
+        cols = (dx + torch.arange(w, device=x.device).view(1, 1, w)).expand(n, h, w)
+        flat = (rows * (w + 2 * padding) + cols).view(n, 1, h * w).expand(-1, x.shape[1], -1)
+        x = padded.flatten(2).gather(2, flat).view_as(x)
+    if flip:
+        mirror = torch.rand(n, 1, 1, 1, device=x.device, generator=generator) < 0.5
+        x = torch.where(mirror, x.flip(3), x)
+    return x
+
+
+def model_inputs(normalizer: Normalizer, images: torch.Tensor, keep: torch.Tensor | None, positions_only: bool):
+    """The network's input: the normalised image, masked where ``keep`` is False, or the mask alone.
+
+    ``positions_only`` is the control that shows how much the *shape* of a pixel subset tells: the model
+    sees +1 where a pixel is kept and -1 elsewhere, no pixel values.
+    """
+    if positions_only:
+        return (keep.float() * 2 - 1).expand(-1, images.shape[1], -1, -1)
+    return normalizer(images, keep)
+
+
+def _fingerprint(arch, recipe, seed, n_train, masked, positions_only):
+    return json.dumps([arch, dataclasses.asdict(recipe), seed, n_train, masked, positions_only], sort_keys=True)
+
+
+def train_model(
+    arch: str,
+    train: Split,
+    recipe: Recipe,
+    seed: int,
+    normalizer: Normalizer,
+    device: torch.device,
+    checkpoint_path: str | Path | None = None,
+    keep: torch.Tensor | None = None,
+    test: Split | None = None,
+    test_keep: torch.Tensor | None = None,
+    positions_only: bool = False,
+    progress: bool = True,
+):
+    """Train a fresh ``arch`` on ``train`` (masked by ``keep`` if given); returns (model, metrics frame)."""
+    if positions_only and keep is None:
+        raise ValueError("positions_only training needs keep-masks")
+    torch.manual_seed(seed)
+    model = build_model(arch, recipe.input_dropout, normalizer.baseline).to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
+                                nesterov=recipe.nesterov, weight_decay=recipe.weight_decay)
+    schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, recipe.milestones, recipe.gamma)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    fingerprint = _fingerprint(arch, recipe, seed, len(train), keep is not None, positions_only)
+    rows, start_epoch = [], 0
+
+    checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
+    if checkpoint_path and checkpoint_path.exists():
+        state = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        if state["fingerprint"] == fingerprint:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            schedule.load_state_dict(state["schedule"])
+            generator.set_state(state["generator"].cpu() if device.type == "cpu" else state["generator"])
+            torch.set_rng_state(state["torch_rng"])
+            if device.type == "cuda" and state.get("cuda_rng") is not None:
+                torch.cuda.set_rng_state(state["cuda_rng"])
+            rows, start_epoch = state["metrics"], state["epoch"]
+            log.info("resuming %s from its checkpoint after epoch %d", checkpoint_path, start_epoch)
+        else:
+            log.warning("ignoring checkpoint %s: it belongs to a different configuration", checkpoint_path)
+
+    images, labels = train.images.to(device), train.labels.to(device)
+    keep_dev = keep.to(device) if keep is not None else None
+    if test is not None:
+        test_keep_dev = test_keep.to(device) if test_keep is not None else None
+        test_inputs = model_inputs(normalizer, test.images.to(device), test_keep_dev, positions_only)
+        test_labels = test.labels.to(device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    n = len(train)
+    bar = tqdm(range(start_epoch, recipe.epochs), initial=start_epoch, total=recipe.epochs,
+               desc=f"train {arch} seed {seed}", disable=not progress)
+    for epoch in bar:
+        started = time.perf_counter()
+        model.train()
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        order = torch.randperm(n, device=device, generator=generator)
+        for batch in order.split(recipe.batch_size):
+            x = model_inputs(normalizer, images[batch], keep_dev[batch] if keep_dev is not None else None,
+                             positions_only)
+            x = augment(x, recipe.crop_padding, recipe.flip, normalizer.baseline, generator)
+            x = x.contiguous(memory_format=torch.channels_last)
+            y = labels[batch]
+            with autocast:
+                logits = model(x)
+                loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.detach() * len(batch)
+            correct += (logits.argmax(1) == y).sum()
+        schedule.step()
+        row = {
+            "epoch": epoch + 1,
+            "lr": optimizer.param_groups[0]["lr"],
+            "train_loss": loss_sum.item() / n,
+            "train_accuracy": correct.item() / n,
+            "seconds": time.perf_counter() - started,
+            "images_per_second": n / (time.perf_counter() - started),
+        }
+        if test is not None:
+            probs = predict(model, test_inputs)
+            row["test_accuracy"] = (probs.argmax(1) == test_labels).float().mean().item()
+        rows.append(row)
+        bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc=f"{row['train_accuracy']:.3f}",
+                        test=f"{row.get('test_accuracy', float('nan')):.3f}")
+        if checkpoint_path:
+            save_torch(checkpoint_path, {
+                "fingerprint": fingerprint, "epoch": epoch + 1, "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state() if device.type == "cuda" else None, "metrics": rows,
+            })
+    model.eval()
+    return model, pd.DataFrame(rows)
+
+
+def add_commands(subparsers) -> None:
+    p = subparsers.add_parser("train", help="train a model on full images or on pixel subsets")
+    p.add_argument("--data", required=True, help="converted dataset (.npz)")
+    p.add_argument("--arch", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--recipe", default="{}", help="JSON object of training settings (see Recipe)")
+    p.add_argument("--train-size", type=int, default=None, help="class-balanced subset of the training split")
+    p.add_argument("--test-size", type=int, default=None, help="class-balanced subset of the test split")
+    p.add_argument("--keep-masks", default=None, help="pixel-subset keep-masks (.npz) to train and test on")
+    p.add_argument("--positions-only", action="store_true", help="train on the keep-masks alone (control)")
+    p.add_argument("--mean", type=float, nargs=3, default=None)
+    p.add_argument("--std", type=float, nargs=3, default=None)
+    p.add_argument("--baseline", type=float, default=0.0, help="value of masked pixels after normalisation")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--checkpoint", default=None, help="resume state, written after every epoch")
+    p.add_argument("--out", required=True, help="model file (.pt)")
+    p.add_argument("--metrics", required=True, help="per-epoch metrics (.csv)")
+    p.set_defaults(handler=run_train)
+
+
+def normalizer_from_args(args: argparse.Namespace) -> Normalizer:
+    from .data import CIFAR10_MEAN, CIFAR10_STD
+
+    return Normalizer(args.mean or CIFAR10_MEAN, args.std or CIFAR10_STD, args.baseline)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    recipe = Recipe.from_dict(json.loads(args.recipe))
+    normalizer = normalizer_from_args(args)
+    train = load_split(args.data, "train", args.train_size)
+    test = load_split(args.data, "test", args.test_size)
+    keep = test_keep = None
+    if args.keep_masks:
+        from .subsets import load_keep_masks
+
+        keep = load_keep_masks(args.keep_masks, "train", train.index)
+        test_keep = load_keep_masks(args.keep_masks, "test", test.index)
+    model, metrics = train_model(args.arch, train, recipe, args.seed, normalizer, device, args.checkpoint,
+                                 keep, test, test_keep, args.positions_only)
+    save_model(args.out, model, args.arch, seed=args.seed, input_dropout=recipe.input_dropout,
+               baseline=args.baseline, positions_only=args.positions_only, recipe=dataclasses.asdict(recipe))
+    save_dataframe(args.metrics, metrics)
+    if args.checkpoint:
+        Path(args.checkpoint).unlink(missing_ok=True)
+    return 0

@@ -1,0 +1,86 @@
+"""Shared fixtures: a small CIFAR-10 archive (real images from ../shared/data when present, else synthetic),
+and a check for system components that CI installs."""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+BIN = Path(sys.executable).parent
+
+
+def require_program(name: str) -> str:
+    """Path of a system program; skips the test where it is missing, except in CI where it must exist."""
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} is not installed (Debian package needed; `make system-deps` installs it)"
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must provide it: {message}")
+        pytest.skip(message)
+    return path
+
+
+def _synthetic_archive(out: Path, train_per_class: int, test_per_class: int) -> Path:
+    """The official layout with random class-coloured images, for clones without ../shared."""
+    rng = np.random.default_rng(0)
+
+    def batch(per_class):
+        labels = np.repeat(np.arange(10), per_class)
+        rng.shuffle(labels)
+        images = rng.integers(0, 256, (len(labels), 3, 32, 32), dtype=np.uint8)
+        images[:, labels % 3] = 0  # a little class signal
+        return {b"data": images.reshape(len(labels), -1), b"labels": labels.tolist()}
+
+    train = batch(train_per_class)
+    parts = np.array_split(np.arange(len(train[b"labels"])), 5)
+    members = {f"data_batch_{i + 1}": {b"data": train[b"data"][p], b"labels": [train[b"labels"][j] for j in p]}
+               for i, p in enumerate(parts)}
+    members["test_batch"] = batch(test_per_class)
+    members["batches.meta"] = {b"label_names": [c.encode() for c in (
+        "airplane automobile bird cat deer dog frog horse ship truck".split())]}
+    out.mkdir(parents=True, exist_ok=True)
+    archive = out / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for name, obj in members.items():
+            blob = pickle.dumps(obj, protocol=2)
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    return archive
+
+
+def build_archive(out: Path, train_per_class: int, test_per_class: int) -> tuple[Path, str]:
+    """A class-balanced CIFAR-10 archive in the official layout and its md5."""
+    script = SHARED_DATA / "make-cifar10-archive"
+    if script.exists():
+        subprocess.run([sys.executable, str(script), str(out), "--train", str(train_per_class),
+                        "--test", str(test_per_class)], check=True, capture_output=True)
+        archive = out / "cifar-10-python.tar.gz"
+    else:
+        archive = _synthetic_archive(out, train_per_class, test_per_class)
+    return archive, hashlib.md5(archive.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="session")
+def cifar_archive(tmp_path_factory) -> tuple[Path, str]:
+    """(archive path, md5) of 500 training and 200 test images."""
+    return build_archive(tmp_path_factory.mktemp("cifar"), 50, 20)
+
+
+@pytest.fixture(scope="session")
+def cifar_npz(cifar_archive, tmp_path_factory) -> Path:
+    """The converted dataset file for the small archive."""
+    from overinterp.data import convert
+
+    return convert(cifar_archive[0], tmp_path_factory.mktemp("converted") / "cifar10.npz")

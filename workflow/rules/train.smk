@@ -1,0 +1,43 @@
+# Models trained on full images with the paper's recipe, and their test-set predictions.
+
+
+rule train:
+    input:
+        DATASET,
+    output:
+        model="results/models/{model}/model.pt",
+        metrics="results/models/{model}/metrics.csv",
+    params:
+        arch=lambda w: arch_of(w.model),
+        seed=lambda w: seed_of(w.model),
+        recipe=recipe_json(),
+        sizes=size_args(),
+        norm=normalization_args(),
+    resources:
+        gpu=1,
+    log:
+        "logs/train/{model}.log",
+    benchmark:
+        "results/benchmarks/train/{model}.tsv"
+    shell:
+        "{OVERINTERP} train --data {input} --arch {params.arch} --seed {params.seed} "
+        "--recipe {params.recipe} {params.sizes} {params.norm} "
+        "--checkpoint results/checkpoints/{wildcards.model}.pt "
+        "--out {output.model} --metrics {output.metrics} 2> {log}"
+
+
+rule evaluate:
+    input:
+        data=DATASET,
+        model="results/models/{model}/model.pt",
+    output:
+        predictions="results/eval/{model}/full.csv",
+        summary="results/eval/{model}/full.json",
+    params:
+        size=split_size_arg("test"),
+        norm=normalization_args(),
+    log:
+        "logs/evaluate/{model}.log",
+    shell:
+        "{OVERINTERP} evaluate --data {input.data} --model {input.model} {params.size} {params.norm} "
+        "--predictions {output.predictions} --summary {output.summary} 2> {log}"
