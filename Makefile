@@ -8,6 +8,8 @@ CORES  ?= $(shell nproc)
 CONFIG ?= config/quick.yaml
 ARGS   ?=
 BIN    := $(VENV)/bin
+# Workflow jobs run `python -m overinterp`: the project's virtual environment comes first on PATH.
+export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: run test install system-deps report clean
 

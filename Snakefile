@@ -12,6 +12,9 @@ configfile: "config/config.yaml"
 validate(config, "workflow/schemas/config.schema.yaml")
 
 
+conda: "envs/overinterp.yaml"
+
+
 report: "workflow/report/workflow.rst"
 
 

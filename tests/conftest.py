@@ -84,3 +84,32 @@ def cifar_npz(cifar_archive, tmp_path_factory) -> Path:
     from overinterp.data import convert
 
     return convert(cifar_archive[0], tmp_path_factory.mktemp("converted") / "cifar10.npz")
+
+
+def snakemake(workdir: Path, *args: str, configfiles: tuple[Path, ...] = (), check: bool = True,
+              timeout: float = 1800) -> subprocess.CompletedProcess:
+    """Run the project's workflow with ``workdir`` as working directory; returns the finished process."""
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    command = [str(BIN / "snakemake"), "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir)]
+    if configfiles:
+        command += ["--configfile", *map(str, configfiles)]
+    result = subprocess.run(command + list(args), env=env, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed ({result.returncode}):\n{result.stderr[-6000:]}")
+    return result
+
+
+def source_config(workdir: Path, archive: Path, md5: str) -> Path:
+    """A configfile pointing the download at a local archive, as a user behind a firewall would."""
+    path = workdir / "source.yaml"
+    path.write_text(f"cifar10:\n  url: {archive.resolve().as_uri()}\n  md5: {md5}\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smoke_run(cifar_archive, tmp_path_factory) -> Path:
+    """The whole smoke configuration run once by Snakemake; returns its working directory."""
+    workdir = tmp_path_factory.mktemp("smoke")
+    configs = (REPO / "config" / "smoke.yaml", source_config(workdir, *cifar_archive))
+    snakemake(workdir, "--cores", "2", configfiles=configs)
+    return workdir

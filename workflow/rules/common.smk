@@ -1,8 +1,13 @@
 # Helpers shared by the rules: model names, command-line fragments, the list of final outputs.
 import json
 import shlex
+from pathlib import Path
 
-OVERINTERP = "overinterp"
+# The rules run the package from this source tree, so a job needs only the dependencies
+# (the project's .venv, or envs/overinterp.yaml with --sdm conda) on its PATH.
+OVERINTERP = "PYTHONPATH={}${{PYTHONPATH:+:$PYTHONPATH}} python -m overinterp".format(
+    shlex.quote(str(Path(workflow.basedir) / "src"))
+)
 ARCHITECTURES = config["models"]["architectures"]
 SEEDS = config["models"]["seeds"]
 # A trained model is named "<architecture>-s<seed>".

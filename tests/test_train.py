@@ -1,0 +1,78 @@
+"""Training: augmentation keeps image and mask aligned, a killed run resumes to identical weights."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import torch
+
+from overinterp.data import Normalizer
+from overinterp.models import load_model
+from overinterp.train import augment, model_inputs
+
+
+def test_augment_moves_image_and_mask_together():
+    """Masking before augmenting: the baseline-valued pixels after the crop/flip are exactly the
+    augmented mask's holes (the reference code's misalignment cannot happen)."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(1, 255, (16, 3, 32, 32), dtype=torch.uint8)
+    keep = torch.rand(16, 1, 32, 32, generator=g) < 0.05
+    normalizer = Normalizer(baseline=-7.0)  # a value no real pixel takes
+    x = model_inputs(normalizer, images, keep, positions_only=False)
+    stacked = torch.cat([x, keep.float()], 1)
+    out = augment(stacked, 4, True, 0.0, torch.Generator().manual_seed(1))
+    aug_x, aug_keep = out[:, :3], out[:, 3:]
+    inside = aug_x != 0.0  # the padding value used above
+    assert torch.equal((aug_x[:, :1] == -7.0) & inside[:, :1], (aug_keep == 0) & inside[:, :1])
+    assert not torch.equal(out, stacked)  # something moved
+
+
+def test_augment_is_a_crop_of_the_padded_image():
+    x = torch.arange(2 * 1 * 4 * 4, dtype=torch.float32).view(2, 1, 4, 4)
+    out = augment(x, 1, False, -1.0, torch.Generator().manual_seed(3))
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1), value=-1.0)
+    for i in range(2):
+        windows = [padded[i, :, dy:dy + 4, dx:dx + 4] for dy in range(3) for dx in range(3)]
+        assert any(torch.equal(out[i], w) for w in windows)
+
+
+def train_command(cifar_npz, out_dir, epochs=4):
+    return [sys.executable, "-m", "overinterp", "train", "--data", str(cifar_npz), "--arch", "tiny",
+            "--seed", "3", "--recipe", f'{{"epochs": {epochs}, "batch_size": 50, "milestones": [2]}}',
+            "--device", "cpu", "--checkpoint", str(out_dir / "ckpt.pt"),
+            "--out", str(out_dir / "model.pt"), "--metrics", str(out_dir / "metrics.csv")]
+
+
+def test_killed_training_resumes_to_identical_weights(cifar_npz, tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run(train_command(cifar_npz, straight), check=True, capture_output=True)
+
+    proc = subprocess.Popen(train_command(cifar_npz, killed), stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "ckpt.pt").exists():
+        assert time.time() < deadline and proc.poll() is None, "no checkpoint appeared"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    epoch_at_kill = torch.load(killed / "ckpt.pt", weights_only=False)["epoch"]
+    assert epoch_at_kill < 4 and not (killed / "model.pt").exists()
+    resumed = subprocess.run(train_command(cifar_npz, killed), check=True, capture_output=True, text=True)
+    assert f"after epoch {epoch_at_kill}" in resumed.stderr
+
+    a, b = load_model(straight / "model.pt"), load_model(killed / "model.pt")
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(pa, pb), name
+    assert not (killed / "ckpt.pt").exists()
+    metrics = pd.read_csv(killed / "metrics.csv")
+    assert list(metrics["epoch"]) == [1, 2, 3, 4]
+    pd.testing.assert_frame_equal(metrics.drop(columns=["seconds", "images_per_second"]),
+                                  pd.read_csv(straight / "metrics.csv").drop(columns=["seconds", "images_per_second"]))
+
+
+def test_training_learns(cifar_npz, tmp_path):
+    subprocess.run(train_command(cifar_npz, tmp_path, epochs=6), check=True, capture_output=True)
+    metrics = pd.read_csv(tmp_path / "metrics.csv")
+    assert metrics["train_loss"].iloc[-1] < metrics["train_loss"].iloc[0]
+    assert metrics["train_accuracy"].iloc[-1] > 0.15  # above chance (0.10) on 10 classes

@@ -1,0 +1,46 @@
+"""The workflow end to end: a real Snakemake run of the smoke configuration, and the paper's DAG."""
+import json
+
+import pandas as pd
+
+from conftest import REPO, snakemake
+
+
+def test_smoke_run_trains_and_evaluates(smoke_run):
+    metrics = pd.read_csv(smoke_run / "results/models/tiny-s0/metrics.csv")
+    assert list(metrics["epoch"]) == [1, 2]
+    summary = json.loads((smoke_run / "results/eval/tiny-s0/full.json").read_text())
+    predictions = pd.read_csv(smoke_run / "results/eval/tiny-s0/full.csv")
+    assert summary["n"] == len(predictions) == 100
+    assert summary["accuracy"] == (predictions["prediction"] == predictions["label"]).mean()
+    assert (predictions["label"].value_counts() == 10).all()  # class-balanced test subset
+    for log in ("logs/train/tiny-s0.log", "results/benchmarks/train/tiny-s0.tsv"):
+        assert (smoke_run / log).exists(), log
+
+
+def test_smoke_run_is_complete(smoke_run):
+    """Once run, nothing is left to do."""
+    dry = snakemake(smoke_run, "-n", configfiles=(REPO / "config/smoke.yaml", smoke_run / "source.yaml"))
+    assert "Nothing to be done" in dry.stdout + dry.stderr
+
+
+def job_counts(dry_run_output: str) -> dict[str, int]:
+    """The 'Job stats' table of a dry run as {rule: count}."""
+    lines = dry_run_output.split("Job stats:")[1].splitlines()[3:]
+    counts = {}
+    for line in lines:
+        parts = line.split()
+        if len(parts) != 2 or not parts[1].isdigit():
+            break
+        counts[parts[0]] = int(parts[1])
+    return counts
+
+
+def test_paper_configuration_builds_its_dag(tmp_path):
+    dry = snakemake(tmp_path, "-n", configfiles=(REPO / "config/config.yaml",))
+    counts = job_counts(dry.stdout)
+    # 3 architectures x 3 replicate seeds, from one download.
+    assert counts["download_cifar10"] == 1
+    assert counts["train"] == counts["evaluate"] == 9
+    for model in ("resnet20-s0", "resnet18-s1", "vgg16_bn-s2"):
+        assert f"results/models/{model}/model.pt" in dry.stdout
