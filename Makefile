@@ -11,7 +11,7 @@ BIN    := $(VENV)/bin
 # Workflow jobs run `python -m overinterp`: the project's virtual environment comes first on PATH.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: run test install system-deps report clean
+.PHONY: run test install system-deps report clean publish pull
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,14 @@ run: install
 report: install
 	$(BIN)/snakemake --cores $(CORES) --configfile $(CONFIG) --report results/report.html $(ARGS)
 
+# Share the expensive results through a DVC remote (README "Sharing results with DVC"); pass the
+# configuration they were made with (CONFIG, ARGS) so that Snakemake can check them.
+publish: install
+	$(BIN)/overinterp publish -- --configfile $(CONFIG) $(ARGS)
+
+pull: install
+	$(BIN)/overinterp pull -- --configfile $(CONFIG) $(ARGS)
+
 test: install
 	$(BIN)/python -m pytest $(ARGS)
 
@@ -39,6 +47,9 @@ system-deps:
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(SYSTEM_PACKAGES)
 
 SYSTEM_PACKAGES :=
+SYSTEM_PACKAGES += slurm-wlm munge   # tests/test_slurm.py brings up a single-node Slurm
+SYSTEM_PACKAGES += chromium chromium-driver   # tests/test_humaneval.py takes the study in a headless browser
 
 clean:
-	rm -rf results logs .snakemake
+	rm -rf logs .snakemake
+	[ ! -d results ] || { find results ! -type d ! -name '*.dvc' -delete; find results -mindepth 1 -type d -empty -delete; }   # keeps the DVC pointers

@@ -99,6 +99,19 @@ def snakemake(workdir: Path, *args: str, configfiles: tuple[Path, ...] = (), che
     return result
 
 
+def job_counts(snakemake_output: str) -> dict[str, int]:
+    """The 'Job stats' table of a (dry) run as {rule: count}; empty when there is nothing to do."""
+    if "Job stats:" not in snakemake_output:
+        return {}
+    counts = {}
+    for line in snakemake_output.split("Job stats:")[1].splitlines()[3:]:
+        parts = line.split()
+        if len(parts) != 2 or not parts[1].isdigit():
+            break
+        counts[parts[0]] = int(parts[1])
+    return counts
+
+
 def source_config(workdir: Path, archive: Path, md5: str) -> Path:
     """A configfile pointing the download at a local archive, as a user behind a firewall would."""
     path = workdir / "source.yaml"

@@ -3,7 +3,7 @@ import json
 
 import pandas as pd
 
-from conftest import REPO, snakemake
+from conftest import REPO, job_counts, snakemake
 
 
 def test_smoke_run_trains_and_evaluates(smoke_run):
@@ -22,18 +22,6 @@ def test_smoke_run_is_complete(smoke_run):
     """Once run, nothing is left to do."""
     dry = snakemake(smoke_run, "-n", configfiles=(REPO / "config/smoke.yaml", smoke_run / "source.yaml"))
     assert "Nothing to be done" in dry.stdout + dry.stderr
-
-
-def job_counts(dry_run_output: str) -> dict[str, int]:
-    """The 'Job stats' table of a dry run as {rule: count}."""
-    lines = dry_run_output.split("Job stats:")[1].splitlines()[3:]
-    counts = {}
-    for line in lines:
-        parts = line.split()
-        if len(parts) != 2 or not parts[1].isdigit():
-            break
-        counts[parts[0]] = int(parts[1])
-    return counts
 
 
 def test_paper_configuration_builds_its_dag(tmp_path):

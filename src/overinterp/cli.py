@@ -14,8 +14,16 @@ from .data import DataError
 
 COMMAND_MODULES = (
     "overinterp.data_commands",
+    "overinterp.models",
     "overinterp.train",
     "overinterp.evaluate",
+    "overinterp.sis_commands",
+    "overinterp.subsets",
+    "overinterp.analysis",
+    "overinterp.figures",
+    "overinterp.humaneval",
+    "overinterp.artifacts",
+    "overinterp.imagenet_commands",
 )
 
 

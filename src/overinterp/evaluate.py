@@ -12,10 +12,13 @@ from .utils import resolve_device, save_dataframe, save_json
 
 
 @torch.inference_mode()
-def predict(model: torch.nn.Module, inputs: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-    """Softmax probabilities (N, classes) of ``model`` on normalised NCHW ``inputs``, in eval mode."""
+def predict(model: torch.nn.Module, inputs: torch.Tensor, batch_size: int = 1000,
+            keep_mode: bool = False) -> torch.Tensor:
+    """Softmax probabilities (N, classes) of ``model`` on normalised NCHW ``inputs``, in eval mode
+    (``keep_mode`` leaves the modules' train/eval modes as they are)."""
     was_training = model.training
-    model.eval()
+    if not keep_mode:
+        model.eval()
     device = next(model.parameters()).device
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     out = []
@@ -23,8 +26,32 @@ def predict(model: torch.nn.Module, inputs: torch.Tensor, batch_size: int = 1000
         with autocast:
             logits = model(chunk.to(device).contiguous(memory_format=torch.channels_last))
         out.append(logits.float().softmax(1))
-    model.train(was_training)
+    if not keep_mode:
+        model.train(was_training)
     return torch.cat(out)
+
+
+@torch.inference_mode()
+def predict_monte_carlo(model: torch.nn.Module, inputs: torch.Tensor, samples: int, seed: int,
+                        batch_size: int = 1000) -> torch.Tensor:
+    """Mean softmax over ``samples`` passes with input dropout active (the reference code's test-time
+    dropout, made reproducible by ``seed``); batch norm stays in eval mode."""
+    from .models import InputDropout
+
+    droppers = [m for m in model.modules() if isinstance(m, InputDropout)]
+    if not droppers:
+        raise ValueError("Monte-Carlo evaluation needs a model trained with input dropout")
+    torch.manual_seed(seed)
+    total = 0
+    try:
+        for m in droppers:
+            m.train()
+        for _ in range(samples):
+            total = total + predict(model, inputs, batch_size, keep_mode=True)
+    finally:
+        for m in droppers:
+            m.eval()
+    return total / samples
 
 
 def prediction_table(probs: torch.Tensor, labels: torch.Tensor, index) -> pd.DataFrame:
@@ -39,12 +66,26 @@ def prediction_table(probs: torch.Tensor, labels: torch.Tensor, index) -> pd.Dat
     })
 
 
-def summarize(table: pd.DataFrame) -> dict:
-    return {
+def summarize(table: pd.DataFrame, reference: pd.DataFrame | None = None) -> dict:
+    """Accuracy and mean confidence; with ``reference`` (another model's predictions on the same images),
+    how often the two agree, overall and on the images the reference model gets wrong."""
+    summary = {
         "n": int(len(table)),
         "accuracy": float((table["prediction"] == table["label"]).mean()),
         "mean_confidence": float(table["confidence"].mean()),
     }
+    if reference is not None:
+        merged = table.merge(reference, on="index", suffixes=("", "_reference"), validate="one_to_one")
+        if len(merged) != len(table):
+            raise ValueError("reference predictions do not cover the same images")
+        agree = merged["prediction"] == merged["prediction_reference"]
+        errors = merged["prediction_reference"] != merged["label"]
+        summary.update({
+            "agreement": float(agree.mean()),
+            "agreement_on_reference_errors": float(agree[errors].mean()) if errors.any() else float("nan"),
+            "reference_errors": int(errors.sum()),
+        })
+    return summary
 
 
 def add_commands(subparsers) -> None:
@@ -59,6 +100,13 @@ def add_commands(subparsers) -> None:
     p.add_argument("--std", type=float, nargs=3, default=None)
     p.add_argument("--baseline", type=float, default=0.0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--mc-samples", type=int, default=0,
+                   help="average N passes with input dropout active (default 0: deterministic, no dropout)")
+    p.add_argument("--mc-seed", type=int, default=0)
+    p.add_argument("--reference-predictions", default=None,
+                   help="another model's predictions on the same images (.csv), to measure agreement")
+    p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
+                   help="metadata stored in the summary (architecture, condition, seed, ...)")
     p.add_argument("--predictions", required=True, help="per-image predictions (.csv)")
     p.add_argument("--summary", required=True, help="accuracy and mean confidence (.json)")
     p.set_defaults(handler=run_evaluate)
@@ -75,8 +123,29 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
         keep = load_keep_masks(args.keep_masks, args.split, split.index)
     inputs = model_inputs(normalizer_from_args(args), split.images, keep, args.positions_only)
-    probs = predict(load_model(args.model, device), inputs)
+    model = load_model(args.model, device)
+    if args.mc_samples:
+        probs = predict_monte_carlo(model, inputs, args.mc_samples, args.mc_seed)
+    else:
+        probs = predict(model, inputs)
     table = prediction_table(probs, split.labels, split.index)
     save_dataframe(args.predictions, table)
-    save_json(args.summary, summarize(table))
+    reference = pd.read_csv(args.reference_predictions) if args.reference_predictions else None
+    save_json(args.summary, {**parse_tags(args.tag), **summarize(table, reference)})
     return 0
+
+
+def parse_tags(tags: list[str]) -> dict:
+    """``key=value`` strings to a dict; values that parse as JSON numbers stay numbers."""
+    import json
+
+    out = {}
+    for tag in tags:
+        key, sep, value = tag.partition("=")
+        if not sep:
+            raise ValueError(f"--tag needs KEY=VALUE, got {tag!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out

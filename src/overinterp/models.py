@@ -100,6 +100,17 @@ ARCHITECTURES: dict[str, Callable[[], nn.Module]] = {
 }
 
 
+def _imagenet_architecture(arch: str) -> nn.Module:
+    from .imagenet import build_architecture  # imported late: overinterp.imagenet imports this module
+
+    return build_architecture(arch)
+
+
+# ImageNet networks (overinterp.imagenet), registered so that save_model/load_model handle them too.
+ARCHITECTURES.update({arch: (lambda a=arch: _imagenet_architecture(a))
+                      for arch in ("inception_v3", "resnet50", "efficientnet_lite0")})
+
+
 class InputDropout(nn.Module):
     """Replace each pixel (all channels) by ``baseline`` with probability ``p`` while training.
 
@@ -138,6 +149,13 @@ class Ensemble(nn.Module):
         return torch.stack([m(x) for m in self.members]).mean(0)
 
 
+def add_commands(subparsers) -> None:
+    p = subparsers.add_parser("ensemble", help="combine trained models into one ensemble model file")
+    p.add_argument("--out", required=True)
+    p.add_argument("members", nargs="+", help="member model files (.pt)")
+    p.set_defaults(handler=lambda a: save_ensemble(a.out, a.members))
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -148,10 +166,24 @@ def save_model(path, model: nn.Module, arch: str, **meta) -> None:
     save_torch(path, {"arch": arch, "state_dict": model.state_dict(), "meta": meta})
 
 
-def load_model(path, device: torch.device | str = "cpu") -> nn.Module:
-    """Load a model file written by :func:`save_model`, in eval mode, channels_last, on ``device``."""
-    blob = torch.load(path, map_location=device, weights_only=True)
+def save_ensemble(path, member_paths) -> None:
+    """An ensemble file holds its members' model files, so it loads and runs like any single model."""
+    from .utils import save_torch
+
+    members = [torch.load(p, map_location="cpu", weights_only=True) for p in member_paths]
+    save_torch(path, {"arch": "ensemble", "members": members, "meta": {"members": [str(p) for p in member_paths]}})
+
+
+def _from_blob(blob: dict) -> nn.Module:
+    if blob["arch"] == "ensemble":
+        return Ensemble([_from_blob(member) for member in blob["members"]])
     meta = blob.get("meta", {})
     model = build_model(blob["arch"], meta.get("input_dropout", 0.0), meta.get("baseline", 0.0))
     model.load_state_dict(blob["state_dict"])
-    return model.to(device, memory_format=torch.channels_last).eval()
+    return model
+
+
+def load_model(path, device: torch.device | str = "cpu") -> nn.Module:
+    """Load a model or ensemble file, in eval mode, channels_last, on ``device``."""
+    blob = torch.load(path, map_location=device, weights_only=True)
+    return _from_blob(blob).to(device, memory_format=torch.channels_last).eval()

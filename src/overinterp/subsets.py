@@ -45,3 +45,74 @@ def load_keep_masks(path, split: str, expected_index: np.ndarray | None = None) 
         )
     keep = unpack_keep(arrays[f"{split}_keep"], int(arrays["height"]), int(arrays["width"]))
     return torch.from_numpy(keep).unsqueeze(1)
+
+
+def kept_count(fraction: float, num_pixels: int) -> int:
+    """Pixels kept for a fraction: ceil, so 5% of 1,024 is 52 (rounding guards 0.05 * 1024 = 51.2000001)."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], not {fraction}")
+    return int(np.ceil(round(fraction * num_pixels, 9)))
+
+
+def backselect_keep(order: np.ndarray, count: int) -> np.ndarray:
+    """(N, H*W) bool keep-mask of the ``count`` pixels removed last by backward selection."""
+    keep = np.zeros(order.shape, dtype=bool)
+    np.put_along_axis(keep, np.asarray(order[:, order.shape[1] - count:], dtype=np.int64), True, axis=1)
+    return keep
+
+
+def random_keep(num_images: int, num_pixels: int, count: int, seed: int, chunk: int = 4096) -> np.ndarray:
+    """(N, H*W) bool keep-mask of ``count`` uniformly random distinct pixels per image, fixed by ``seed``."""
+    rng = np.random.default_rng(seed)
+    keep = np.zeros((num_images, num_pixels), dtype=bool)
+    for start in range(0, num_images, chunk):
+        rows = keep[start:start + chunk]
+        picks = rng.random(rows.shape).argpartition(count - 1, axis=1)[:, :count]
+        np.put_along_axis(rows, picks, True, axis=1)
+    return keep
+
+
+def add_commands(subparsers) -> None:
+    p = subparsers.add_parser("subsets", help="build pixel-subset keep-masks (backward selection or random)")
+    sub = p.add_subparsers(dest="kind", required=True)
+    b = sub.add_parser("backselect", help="keep the pixels removed last by backward selection")
+    b.add_argument("--sis-train", default=None, help="merged SIS result of the training split (.npz)")
+    b.add_argument("--sis-test", required=True, help="merged SIS result of the test split (.npz)")
+    b.add_argument("--fraction", type=float, required=True)
+    b.add_argument("--out", required=True)
+    b.set_defaults(handler=run_backselect)
+    r = sub.add_parser("random", help="the same number of uniformly random pixels per image")
+    r.add_argument("--data", required=True)
+    r.add_argument("--train-size", type=int, default=None)
+    r.add_argument("--test-size", type=int, default=None)
+    r.add_argument("--fraction", type=float, required=True)
+    r.add_argument("--seed-train", type=int, default=1234)
+    r.add_argument("--seed-test", type=int, default=5678)
+    r.add_argument("--out", required=True)
+    r.set_defaults(handler=run_random)
+
+
+def run_backselect(args) -> int:
+    splits, shape = {}, None
+    for split, path in (("train", args.sis_train), ("test", args.sis_test)):
+        if path is None:
+            continue
+        sis = load_npz(path)
+        shape = (int(sis["height"]), int(sis["width"]))
+        count = kept_count(args.fraction, shape[0] * shape[1])
+        splits[split] = (sis["index"], backselect_keep(sis["order"], count))
+    save_keep_masks(args.out, *shape, **splits)
+    return 0
+
+
+def run_random(args) -> int:
+    from .data import load_split
+
+    splits, shape = {}, None
+    for split, size, seed in (("train", args.train_size, args.seed_train), ("test", args.test_size, args.seed_test)):
+        data = load_split(args.data, split, size)
+        shape = tuple(data.images.shape[2:])
+        count = kept_count(args.fraction, shape[0] * shape[1])
+        splits[split] = (data.index, random_keep(len(data), shape[0] * shape[1], count, seed))
+    save_keep_masks(args.out, *shape, **splits)
+    return 0

@@ -61,10 +61,47 @@ def save_dataframe(path, frame) -> None:
 
 
 def resolve_device(name: str | None = None) -> torch.device:
-    """``auto`` (or None) picks CUDA when present, else the CPU."""
+    """``auto`` (or None) picks CUDA when present, else the CPU. With several GPUs visible (one machine
+    running ``--resources gpu=N`` jobs side by side) each process claims a GPU no other one holds."""
     if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        count = torch.cuda.device_count()
+        if count == 1:
+            return torch.device("cuda")
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        ids = visible.split(",")[:count] if visible else [str(i) for i in range(count)]
+        return torch.device(f"cuda:{claim_gpu(ids)}")
     return torch.device(name)
+
+
+_held_gpu_locks: dict[Path, object] = {}  # lock file -> its open handle, held until the process exits
+
+
+def claim_gpu(ids: list[str], lock_dir: str | os.PathLike | None = None) -> int:
+    """Index into ``ids`` (GPU identifiers) of a GPU that no other process holds, locked for this process.
+
+    The locks are flock(2) locks on files in ``lock_dir``, released by the kernel when the process
+    ends, so a killed job never leaves a GPU claimed. When every GPU is held, GPUs are shared.
+    """
+    import fcntl
+
+    lock_dir = Path(lock_dir or Path(tempfile.gettempdir()) / f"overinterp-gpus-{os.getuid()}")
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    paths = [lock_dir / f"gpu-{gpu}.lock" for gpu in ids]
+    for index, path in enumerate(paths):
+        if path in _held_gpu_locks:  # claimed earlier by this process
+            return index
+    for index, path in enumerate(paths):
+        handle = open(path, "w")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            continue
+        _held_gpu_locks[path] = handle
+        return index
+    return os.getpid() % len(ids)
 
 
 def seed_everything(seed: int) -> None:

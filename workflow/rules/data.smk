@@ -1,6 +1,11 @@
 # Dataset: download the CIFAR-10 python archive (md5 verified before it is kept) and convert it once.
 
 
+# On a cluster the download runs in the controlling process: compute nodes often have no internet access.
+localrules:
+    download_cifar10,
+
+
 rule download_cifar10:
     output:
         "data/cifar10/cifar-10-python.tar.gz",

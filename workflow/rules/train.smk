@@ -2,6 +2,8 @@
 
 
 rule train:
+    wildcard_constraints:
+        model=SINGLE_MODEL_PATTERN,
     input:
         DATASET,
     output:
@@ -10,7 +12,7 @@ rule train:
     params:
         arch=lambda w: arch_of(w.model),
         seed=lambda w: seed_of(w.model),
-        recipe=recipe_json(),
+        recipe=lambda w: recipe_json(w.model),
         sizes=size_args(),
         norm=normalization_args(),
     resources:
@@ -36,8 +38,9 @@ rule evaluate:
     params:
         size=split_size_arg("test"),
         norm=normalization_args(),
+        tags=lambda w: evaluation_tags(w.model),
     log:
         "logs/evaluate/{model}.log",
     shell:
-        "{OVERINTERP} evaluate --data {input.data} --model {input.model} {params.size} {params.norm} "
+        "{OVERINTERP} evaluate --data {input.data} --model {input.model} {params.size} {params.norm} {params.tags} "
         "--predictions {output.predictions} --summary {output.summary} 2> {log}"

@@ -44,11 +44,11 @@
 
   // The presentation order of one participant: Fisher-Yates with a PRNG seeded by study and ID.
   function orderFor(pid) {
-    const random = sfc32(...cyrb128(data.study + "\u0000" + pid));
-    for (let i = 0; i < 15; i++) random();  // discard the first outputs, as sfc32's authors advise
+    const draw = sfc32(...cyrb128(data.study + "\u0000" + pid));
+    for (let i = 0; i < 15; i++) draw();  // discard the first outputs, as sfc32's authors advise
     const order = data.items.slice();
     for (let i = order.length - 1; i > 0; i--) {
-      const j = Math.floor(random() * (i + 1));
+      const j = Math.floor(draw() * (i + 1));
       [order[i], order[j]] = [order[j], order[i]];
     }
     return order;
@@ -72,6 +72,23 @@
       window.localStorage.setItem(storageKey(pid), JSON.stringify(answers));
     } catch (err) {
       // Nothing to do: the answers are still in memory and downloadable at the end.
+    }
+  }
+
+  // Remembers a confirmed upload, so that reopening the finished study does not send it twice.
+  function wasSent(pid) {
+    try {
+      return window.localStorage.getItem(storageKey(pid) + ":sent") === "true";
+    } catch (err) {
+      return false;
+    }
+  }
+
+  function markSent(pid) {
+    try {
+      window.localStorage.setItem(storageKey(pid) + ":sent", "true");
+    } catch (err) {
+      // Storage unavailable: a reload may send the answers again; the scorer would flag the duplicate.
     }
   }
 
@@ -176,6 +193,7 @@
       if (!response.ok) throw new Error("HTTP " + response.status);
       status.textContent = "Your answers were sent.";
       status.dataset.sent = "true";
+      markSent(state.pid);
     } catch (err) {
       status.textContent = "Your answers could not be sent automatically (" + err.message +
         "). Please download the file instead.";
@@ -187,13 +205,22 @@
     show("done");
     $("progress").value = 1;
     $("done-summary").textContent = "You answered all " + state.order.length + " pictures.";
-    if (data.post_url) upload();
+    if (!data.post_url) return;
+    if (wasSent(state.pid)) {
+      $("upload-status").textContent = "Your answers were already sent.";
+      $("upload-status").dataset.sent = "true";
+    } else {
+      upload();
+    }
   }
 
   function start(pid) {
     state.pid = pid;
     state.order = orderFor(pid);
-    state.answers = loadAnswers(pid).filter((a, i) => a.image_id === state.order[i]);
+    const saved = loadAnswers(pid);
+    let resumed = 0;  // the saved answers that still match this order (all of them unless tampered with)
+    while (resumed < saved.length && saved[resumed].image_id === state.order[resumed]) resumed++;
+    state.answers = saved.slice(0, resumed);
     show("trial");
     showTrial();
   }

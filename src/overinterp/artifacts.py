@@ -1,0 +1,203 @@
+"""Share the expensive artifacts through DVC: ``overinterp publish`` and ``overinterp pull``.
+
+publish: ``dvc add`` the dataset folder and the heavy result folders that exist (one ``.dvc`` file
+each), copy Snakemake's metadata record of every tracked workflow output into that ``.dvc`` file's
+``meta`` field (DVC keeps ``meta`` untouched), and ``dvc push``. It refuses outputs Snakemake would
+rebuild, so a remote never holds results that disagree with the committed workflow.
+
+pull: ``dvc pull``, then make the checkout consistent for Snakemake:
+1. restore the publisher's metadata records into ``.snakemake/metadata``, so the params, code, input
+   and software-env rerun triggers compare the current workflow with what produced the files
+   (a config change after publishing still shows as "params changed");
+2. repair modification times, which DVC sets in checkout order: ``snakemake --touch
+   --rerun-triggers mtime --drop-metadata`` over the pulled outputs touches them in DAG order and
+   leaves the restored records alone. Only the pulled outputs are targets, so a local result
+   downstream of a pulled file (say an evaluation of an older model) still counts as stale.
+"""
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from .data import DataError
+
+log = logging.getLogger(__name__)
+
+DATA_DIR = "data"
+# Folders of results, each published as a whole: results/<name>/, and results/imagenet/<name>/ for the
+# ImageNet half of the study.
+RESULT_ROOTS = ("results", "results/imagenet")
+# Results that cost GPU time; cheaper ones (evaluations, tables, figures) are rebuilt after a pull
+# unless a heavy result was computed from them.
+HEAVY_DIRS = tuple(f"{root}/{name}" for root in RESULT_ROOTS for name in ("models", "sis", "subsets", "retrain"))
+META_KEY = "snakemake"
+
+
+def _run(cmd: list[str], cwd: Path, capture: bool = False) -> str:
+    result = subprocess.run(cmd, cwd=cwd, text=True, capture_output=capture)
+    if result.returncode != 0:
+        detail = (result.stderr or "").strip().splitlines()[-20:] if capture else []
+        raise DataError(f"`{' '.join(cmd[2:5])} ...` failed (exit {result.returncode})"
+                        + ("".join(f"\n  {line}" for line in detail)))
+    return result.stdout if capture else ""
+
+
+def _dvc(*args: str) -> list[str]:
+    return [sys.executable, "-m", "dvc", *args]
+
+
+def _snakemake(*args: str) -> list[str]:
+    return [sys.executable, "-m", "snakemake", *args]
+
+
+def workflow_outputs(root: Path, snakemake_args: list[str]) -> dict[str, tuple[str, str]]:
+    """{output file: (status, plan)} for every job of the workflow, from ``snakemake --summary``."""
+    out = _run(_snakemake("--summary", *snakemake_args), root, capture=True)
+    rows = [line.split("\t") for line in out.splitlines()]
+    header = rows[0] if rows else []
+    if header[:1] != ["output_file"]:
+        raise DataError("unexpected `snakemake --summary` output; is this the workflow's root folder?")
+    return {row[0]: (row[-2], row[-1]) for row in rows[1:] if len(row) == len(header)}
+
+
+def _files_under(root: Path, folder: str) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in (root / folder).rglob("*") if p.is_file())
+
+
+def _dvc_file(root: Path, folder: str) -> Path:
+    return root / f"{folder}.dvc"
+
+
+def _persistence(root: Path):
+    # Snakemake's own record store (the default file backend), so records keep its exact format.
+    from snakemake.persistence.file import FilePersistence
+
+    return FilePersistence(path=root / ".snakemake")
+
+
+def _check_remote(root: Path, remote: str | None) -> None:
+    names = [line.split()[0] for line in _run(_dvc("remote", "list"), root, capture=True).splitlines() if line]
+    default = _run(_dvc("remote", "default"), root, capture=True).strip() if names else ""
+    if remote is not None and remote not in names:
+        raise DataError(f"no DVC remote named {remote!r} (configured: {', '.join(names) or 'none'})")
+    if remote is None and not default:
+        raise DataError("no default DVC remote: add one with `dvc remote add -d NAME URL` "
+                        "(see README, 'Sharing results with DVC')")
+
+
+def _folder_of(path: str) -> str | None:
+    """The publishable folder a workflow file lives in: data/ or a folder of one of the RESULT_ROOTS."""
+    parts = Path(path).parts
+    if parts[:1] == (DATA_DIR,):
+        return DATA_DIR
+    for root in sorted(RESULT_ROOTS, key=len, reverse=True):
+        depth = root.count("/") + 2
+        if "/".join(parts[:depth - 1]) == root and len(parts) > depth:
+            folder = "/".join(parts[:depth])
+            return None if folder in RESULT_ROOTS else folder
+    return None
+
+
+def publish(root: Path, snakemake_args: list[str], remote: str | None = None) -> list[Path]:
+    """Track data/, the heavy result folders and every folder they were computed from with DVC, record
+    their provenance, push; returns the .dvc files."""
+    folders = {f for f in (DATA_DIR, *HEAVY_DIRS) if (root / f).is_dir()}
+    if not folders & set(HEAVY_DIRS):
+        raise DataError(f"nothing to publish: none of {', '.join(HEAVY_DIRS)} exists; run the workflow first")
+    _check_remote(root, remote)
+    outputs = workflow_outputs(root, snakemake_args)
+    persistence = _persistence(root)
+    records: dict[str, dict] = {}
+    # Close the set over inputs (as Snakemake recorded them), so that nothing a published file was made
+    # from is missing after a pull: a rebuilt input would make the published file stale again.
+    pending = sorted(folders)
+    while pending:
+        for name in _files_under(root, pending.pop()):
+            record = persistence._read_record(name) if name in outputs else None
+            if record is None:
+                continue
+            records[name] = dict(record.items())
+            for source in record.input or []:
+                folder = _folder_of(source)
+                if folder and folder not in folders and (root / folder).is_dir():
+                    folders.add(folder)
+                    pending.append(folder)
+    folders = sorted(folders)
+    files = {folder: _files_under(root, folder) for folder in folders}
+    stale = [f"{f} ({outputs[f][0]})" for fs in files.values() for f in fs
+             if f in outputs and outputs[f][1] != "no update"]
+    if stale:
+        raise DataError("Snakemake would rebuild these files, so they are not published: "
+                        + ", ".join(stale[:10]) + (" ..." if len(stale) > 10 else "")
+                        + "; run the workflow (with the same configuration) first")
+    unrecorded = [f for fs in files.values() for f in fs if f in outputs and f not in records]
+    if unrecorded:
+        log.warning("no Snakemake metadata for %d outputs (e.g. %s); after a pull only their modification "
+                    "times are checked", len(unrecorded), unrecorded[0])
+
+    _run(_dvc("add", "--quiet", *folders), root)
+    dvc_files = [_dvc_file(root, folder) for folder in folders]
+    for folder, dvc_file in zip(folders, dvc_files):
+        stage = yaml.safe_load(dvc_file.read_text())
+        stage.setdefault("meta", {})[META_KEY] = {f: records[f] for f in files[folder] if f in records}
+        dvc_file.write_text(yaml.safe_dump(stage, sort_keys=False))
+    _run(_dvc("push", *(["--remote", remote] if remote else []), *map(str, dvc_files)), root)
+    print("Published " + ", ".join(folders) + ". Commit the pointers: git add "
+          + " ".join(p.relative_to(root).as_posix() for p in dvc_files) + " && git commit")
+    return dvc_files
+
+
+def pull(root: Path, snakemake_args: list[str], remote: str | None = None) -> dict[str, tuple[str, str]]:
+    """Pull the published artifacts and leave Snakemake's view consistent; returns the pulled outputs' summary."""
+    dvc_files = [p for p in [_dvc_file(root, DATA_DIR), *(f for r in RESULT_ROOTS for f in sorted((root / r).glob("*.dvc")))]
+                 if p.exists()]
+    if not dvc_files:
+        raise DataError("no data.dvc or results/*.dvc here: nothing was published in this commit")
+    _run(_dvc("pull", *(["--remote", remote] if remote else []), *map(str, dvc_files)), root)
+
+    persistence = _persistence(root)
+    from snakemake.persistence import MetadataRecord
+
+    pulled = []
+    for dvc_file in dvc_files:
+        pulled += _files_under(root, dvc_file.with_suffix("").relative_to(root).as_posix())
+        records = (yaml.safe_load(dvc_file.read_text()).get("meta") or {}).get(META_KEY) or {}
+        for name, record in records.items():
+            persistence._write_record(name, MetadataRecord.model_validate(record))
+            persistence._unmark_incomplete(name)
+
+    outputs = workflow_outputs(root, snakemake_args)
+    targets = [f for f in pulled if f in outputs]
+    if targets:
+        _run(_snakemake(*targets, "--touch", "--rerun-triggers", "mtime", "--drop-metadata", "--quiet",
+                        "--cores", "1", *snakemake_args), root, capture=True)
+    outputs = workflow_outputs(root, snakemake_args)
+    summary = {f: outputs[f] for f in targets}
+    stale = {f: s for f, s in summary.items() if s[1] != "no update"}
+    print(f"Pulled {len(pulled)} files; {len(targets) - len(stale)} of {len(targets)} workflow outputs "
+          "among them are up to date.")
+    for name, (status, _) in sorted(stale.items()):
+        print(f"  will rebuild {name}: {status}")
+    return summary
+
+
+def _split_args(args: list[str]) -> list[str]:
+    return args[1:] if args[:1] == ["--"] else args
+
+
+def add_commands(subparsers) -> None:
+    import argparse
+
+    for name, func, text in (
+        ("publish", publish, "track data/ and the heavy results with DVC and push them to the remote"),
+        ("pull", pull, "pull published artifacts and mark them up to date for Snakemake"),
+    ):
+        p = subparsers.add_parser(name, help=text, description=text + ". Run in the workflow's root folder.")
+        p.add_argument("--remote", help="DVC remote (default: the project's default remote)")
+        p.add_argument("snakemake_args", nargs=argparse.REMAINDER,
+                       help="after --: the workflow's snakemake arguments, e.g. -- --configfile config/quick.yaml")
+        p.set_defaults(handler=lambda a, func=func: func(Path.cwd(), _split_args(a.snakemake_args), a.remote) and 0)

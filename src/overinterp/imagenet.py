@@ -1,0 +1,309 @@
+"""ImageNet from the user's own copy: layout validation and indexing, per-model preprocessing, models.
+
+ImageNet cannot be downloaded automatically (its licence), so ``imagenet.root`` points at a copy in the
+standard layout, ``train/<wnid>/*.JPEG`` and ``val/<wnid>/*.JPEG`` (validation images sorted into class
+folders). :func:`build_index` checks it up front (both splits present, the expected number of class
+folders, the same classes in both, every image decodable) and writes one CSV per split (path relative to
+the root, wnid, label). Labels are the canonical ImageNet-1k class indices (position of the wnid in the
+sorted list of the 1,000 wnids), so a copy with fewer classes still lines up with pretrained networks.
+
+Every image goes through the evaluation frame of the model: shorter side resized to ``resize``, centre
+crop ``crop`` (342 -> 299 for Inception v3, 256 -> 224 for ResNet50). Pixel subsets (keep-masks) live in
+that frame; masked pixels take the baseline (0) after ImageNet normalisation, i.e. the mean colour.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
+from torch import nn
+from tqdm import tqdm
+
+from .data import DataError, Normalizer
+from .efficientnet_lite import IMAGENET_MEAN, IMAGENET_STD, EfficientNetLite0
+from .subsets import unpack_keep
+from .utils import load_npz, save_dataframe
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val")
+IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
+LAYOUT_HINT = ("Expected ROOT/train/<wnid>/*.JPEG and ROOT/val/<wnid>/*.JPEG (the validation images sorted "
+               "into their class folders, as torchvision's ImageFolder reads them); set `imagenet.root`.")
+
+
+@functools.cache
+def wnids() -> tuple[str, ...]:
+    """The 1,000 ImageNet-1k WordNet ids in canonical (sorted) order: position = class index."""
+    text = resources.files("overinterp").joinpath("imagenet_wnids.txt").read_text()
+    return tuple(text.split())
+
+
+@functools.cache
+def class_names() -> tuple[str, ...]:
+    """Human-readable names of the 1,000 classes, in class-index order (from torchvision's metadata)."""
+    from torchvision.models import ResNet50_Weights
+
+    return tuple(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+def normalizer(baseline: float = 0.0) -> Normalizer:
+    return Normalizer(IMAGENET_MEAN, IMAGENET_STD, baseline)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Layout validation and the index
+
+
+def _check_image(path: Path) -> str | None:
+    """None if ``path`` decodes, else the reason. A draft decode reads the whole file at 1/8 scale: cheap,
+    and it still fails on truncated or corrupt JPEGs."""
+    try:
+        with Image.open(path) as image:
+            image.draft("RGB", (64, 64))
+            image.load()
+    except Exception as err:  # PIL raises many types for damaged files
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def _list_split(root: Path, split: str, num_classes: int) -> pd.DataFrame:
+    folder = root / split
+    if not folder.is_dir():
+        raise DataError(f"ImageNet root {root} has no {split!r} folder. {LAYOUT_HINT}")
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    known = set(wnids())
+    unknown = [c for c in classes if c not in known]
+    if unknown:
+        raise DataError(
+            f"{folder}: {len(unknown)} class folder(s) are not ImageNet-1k wnids, e.g. {unknown[:5]}. "
+            f"{LAYOUT_HINT}")
+    if len(classes) != num_classes:
+        raise DataError(
+            f"{folder} has {len(classes)} class folders, expected {num_classes}. A partial copy? "
+            f"Complete it, or set `imagenet.num_classes: {len(classes)}` to use these classes only. {LAYOUT_HINT}")
+    label_of = {w: i for i, w in enumerate(wnids())}
+    rows = []
+    for wnid in classes:
+        files = sorted(p for p in (folder / wnid).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise DataError(f"{folder / wnid} holds no .JPEG/.jpg/.png images. {LAYOUT_HINT}")
+        rows += [(f.relative_to(root).as_posix(), wnid, label_of[wnid]) for f in files]
+    return pd.DataFrame(rows, columns=["path", "wnid", "label"])
+
+
+def build_index(root: str | Path, out_dir: str | Path, num_classes: int = 1000, workers: int = 8) -> dict:
+    """Validate the copy at ``root`` and write ``{out_dir}/{train,val}.csv``; returns images per split."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"ImageNet root {root} does not exist or is not a folder. {LAYOUT_HINT}")
+    tables = {split: _list_split(root, split, num_classes) for split in SPLITS}
+    if set(tables["train"]["wnid"]) != set(tables["val"]["wnid"]):
+        only = sorted(set(tables["train"]["wnid"]) ^ set(tables["val"]["wnid"]))
+        raise DataError(f"{root}: train and val hold different classes ({only[:5]} in one only). {LAYOUT_HINT}")
+    for split, table in tables.items():
+        paths = [root / p for p in table["path"]]
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            reasons = list(tqdm(pool.map(_check_image, paths), total=len(paths), desc=f"check {split} images"))
+        bad = [(str(p), r) for p, r in zip(paths, reasons) if r is not None]
+        if bad:
+            listing = "\n".join(f"  {p}: {r}" for p, r in bad[:20])
+            more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
+            raise DataError(f"{len(bad)} unreadable image(s) in {root / split}; replace or remove them:\n"
+                            f"{listing}{more}")
+    for split, table in tables.items():
+        save_dataframe(Path(out_dir) / f"{split}.csv", table)
+    return {split: len(table) for split, table in tables.items()}
+
+
+@dataclass
+class IndexedSplit:
+    """Images of one split: ``index`` = rows of the split's index CSV (keep-mask and SIS files store it)."""
+
+    root: Path
+    paths: list[str]
+    labels: np.ndarray
+    index: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+
+def load_index(index_csv: str | Path, root: str | Path, per_class: int | None = None) -> IndexedSplit:
+    """The split listed in ``index_csv``; with ``per_class``, only the first ``per_class`` images of each class."""
+    index_csv = Path(index_csv)
+    if not index_csv.exists():
+        raise DataError(f"ImageNet index {index_csv} is missing; run `overinterp imagenet-index` (the workflow "
+                        "does) to validate the copy and write it.")
+    table = pd.read_csv(index_csv)
+    rows = np.arange(len(table))
+    if per_class is not None:
+        rows = rows[table.groupby("label").cumcount().to_numpy() < per_class]
+    return IndexedSplit(Path(root).expanduser(), table["path"].iloc[rows].tolist(),
+                        table["label"].to_numpy()[rows].astype(np.int64), rows)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Images, keep-masks and augmentation
+
+
+def load_frame(path: Path, resize: int, crop: int) -> torch.Tensor:
+    """uint8 (3, crop, crop): the evaluation frame (shorter side -> ``resize``, centre crop ``crop``)."""
+    try:
+        with Image.open(path) as image:
+            image.draft("RGB", (resize, resize))  # JPEG DCT scaling when the file is much larger: faster decode
+            pixels = TF.pil_to_tensor(image.convert("RGB"))
+    except Exception as err:
+        raise DataError(f"Cannot read image {path} ({type(err).__name__}: {err}); replace or remove it and "
+                        "rebuild the index.") from err
+    return TF.center_crop(TF.resize(pixels, resize, antialias=True), crop)
+
+
+def load_packed_keep(path, split: str, expected_index: np.ndarray) -> tuple[np.ndarray, int, int]:
+    """Packed keep-masks of ``split`` from a keep-mask file (see :mod:`overinterp.subsets`), unpacked per image
+    on demand: ImageNet's 1.28M masks fit in memory only packed."""
+    arrays = load_npz(path)
+    if f"{split}_keep" not in arrays:
+        raise ValueError(f"{path} has no keep-masks for the {split!r} split")
+    if not np.array_equal(arrays[f"{split}_index"], expected_index):
+        raise ValueError(f"{path}: keep-masks of the {split!r} split were made for other images than the ones "
+                         "loaded (different per-class sizes?). Rebuild the subsets with the same settings.")
+    return arrays[f"{split}_keep"], int(arrays["height"]), int(arrays["width"])
+
+
+class ImageNetDataset(torch.utils.data.Dataset):
+    """Items ``(input, label, position)``: the normalised evaluation frame, masked where the keep-mask is False
+    (or the mask alone for the positions-only control) and, for training, augmented after masking.
+
+    Augmentation is the standard recipe's random-resized crop and flip, taken within the evaluation frame of
+    the already masked image, so that image and mask move together and a fresh draw is made every epoch.
+    Full-image models get the same, so the three arms (full, BS, random) differ only in the pixels kept.
+    """
+
+    def __init__(self, split: IndexedSplit, resize: int, crop: int, keep: tuple[np.ndarray, int, int] | None = None,
+                 positions_only: bool = False, augment_min_scale: float | None = None, flip: bool = False,
+                 baseline: float = 0.0, uint8: bool = False):
+        if positions_only and keep is None:
+            raise ValueError("the positions-only control needs keep-masks")
+        if keep is not None and (keep[1], keep[2]) != (crop, crop):
+            raise ValueError(f"keep-masks are {keep[1]}x{keep[2]} but the model's frame is {crop}x{crop}")
+        self.split, self.resize, self.crop, self.keep = split, resize, crop, keep
+        self.positions_only, self.min_scale, self.flip = positions_only, augment_min_scale, flip
+        self.normalizer, self.uint8 = normalizer(baseline), uint8
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int):
+        from .train import model_inputs
+
+        frame = load_frame(self.split.root / self.split.paths[i], self.resize, self.crop)
+        label = int(self.split.labels[i])
+        if self.uint8:
+            return frame, label, i
+        keep = None
+        if self.keep is not None:
+            bits, height, width = self.keep
+            keep = torch.from_numpy(unpack_keep(bits[i:i + 1], height, width)).unsqueeze(1)
+        x = model_inputs(self.normalizer, frame[None], keep, self.positions_only)[0]
+        if self.min_scale is not None:
+            x = TF.resized_crop(x, *_random_crop_box(self.crop, self.min_scale), [self.crop, self.crop],
+                                antialias=True)
+        if self.flip and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return x, label, i
+
+
+def _random_crop_box(size: int, min_scale: float, ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of a random-resized crop of a ``size`` square (Inception-style sampling)."""
+    area = size * size
+    log_ratio = torch.log(torch.tensor(ratio))
+    for _ in range(10):
+        target = area * torch.empty(()).uniform_(min_scale, 1.0).item()
+        aspect = torch.exp(torch.empty(()).uniform_(log_ratio[0], log_ratio[1])).item()
+        w, h = round((target * aspect) ** 0.5), round((target / aspect) ** 0.5)
+        if 0 < w <= size and 0 < h <= size:
+            top = int(torch.randint(0, size - h + 1, ()))
+            left = int(torch.randint(0, size - w + 1, ()))
+            return top, left, h, w
+    return 0, 0, size, size
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Models
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    resize: int
+    crop: int
+    weights_enum: str | None  # torchvision's weights enum, None where torchvision has no such model
+
+
+MODEL_SPECS = {
+    "inception_v3": ModelSpec(342, 299, "Inception_V3_Weights"),
+    "resnet50": ModelSpec(256, 224, "ResNet50_Weights"),
+    "efficientnet_lite0": ModelSpec(256, 224, None),
+}
+
+
+def build_architecture(arch: str, num_classes: int = 1000) -> nn.Module:
+    """An ImageNet network with fresh weights. Inception v3 has no auxiliary classifier (subset training uses
+    the main loss only) and keeps torchvision's input transform, which maps ImageNet-normalised inputs to the
+    scaling its pretrained weights expect, so pretrained and retrained models take the same inputs."""
+    import torchvision.models as tvm
+
+    if arch == "inception_v3":
+        return tvm.inception_v3(weights=None, num_classes=num_classes, aux_logits=False, transform_input=True,
+                                init_weights=True)
+    if arch == "resnet50":
+        return tvm.resnet50(weights=None, num_classes=num_classes)
+    if arch == "efficientnet_lite0":
+        return EfficientNetLite0(num_classes)
+    raise ValueError(f"unknown ImageNet architecture {arch!r}; choose one of {sorted(MODEL_SPECS)}")
+
+
+def pretrained_state_dict(arch: str, weights: str) -> dict:
+    """State dict for ``arch`` from ``weights``: a torchvision weights name (e.g. IMAGENET1K_V1, fetched into the
+    torch hub cache) or the path of a state-dict file."""
+    path = Path(weights).expanduser()
+    if path.suffix in (".pt", ".pth") or path.exists():
+        if not path.exists():
+            raise FileNotFoundError(f"weights file {path} does not exist")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        return state.get("state_dict", state)
+    spec = MODEL_SPECS[arch]
+    if spec.weights_enum is None:
+        raise ValueError(f"torchvision has no pretrained {arch}; give the path of a state-dict file as its weights")
+    import torchvision.models as tvm
+
+    try:
+        entry = tvm.get_weight(f"{spec.weights_enum}.{weights}")
+    except (ValueError, KeyError, AttributeError):
+        raise ValueError(f"{spec.weights_enum} has no weights {weights!r}; see torchvision.models "
+                         f"(e.g. IMAGENET1K_V1)") from None
+    try:
+        return entry.get_state_dict(progress=True, check_hash=True)
+    except OSError as err:  # URLError is an OSError
+        cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(entry.url).name
+        raise DataError(
+            f"Cannot fetch {spec.weights_enum}.{weights} from {entry.url} ({err}). On an offline machine copy "
+            f"the file to {cache} (the torch hub cache; TORCH_HOME moves it), fetched on a connected machine "
+            f"with `python -c \"import torchvision; torchvision.models.get_weight('{spec.weights_enum}."
+            f"{weights}').get_state_dict()\"`, or set the model's weights to a state-dict file.") from err
+
+
+def pretrained_model(arch: str, weights: str) -> nn.Module:
+    model = build_architecture(arch)
+    state = {k: v for k, v in pretrained_state_dict(arch, weights).items() if not k.startswith("AuxLogits.")}
+    model.load_state_dict(state)
+    return model.eval()

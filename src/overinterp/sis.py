@@ -1,0 +1,502 @@
+"""Backward selection (BackSelect) and sufficient input subsets (SIS): exact, and the batched gradient variant.
+
+A pixel (all channels together) is the unit; a masked pixel takes ``baseline`` (0 = the dataset-mean colour
+after normalisation). ``f`` is the softmax probability of the class the model predicts on the full image
+(or of a given target class).
+
+* :class:`BackSelect` is the exact algorithm: at every step it evaluates ``f`` with each still-present pixel
+  additionally masked and masks the pixel that leaves ``f`` highest (ties go to the lowest row-major
+  index). Its whole cost is model forwards (sum_{n=1..H*W} n per image), so the engine keeps the model
+  busy: candidates are built on the model's device from per-image state held there, and candidates of
+  several images at different steps are packed into every batch ("continuous batching"), so the late
+  steps, with few candidates each, still fill batches. The host only schedules; it never waits for the
+  device until an image is finished.
+* :class:`GradientBackSelect` masks, per forward+backward, the ``pixels_per_step`` still-present pixels
+  whose mask gradient is largest (removing them is predicted to hurt ``f`` least).
+
+Both return a :class:`BackSelectResult` (numpy arrays): ``order`` (first removed first) and ``values``
+(``f`` after each removal). :func:`sis_size`, :func:`sis_mask` and :func:`keep_last` derive SIS and
+pixel-subset keep-masks from it, for any threshold, without rerunning the model.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .utils import load_npz, save_npz
+
+# Candidate batch sizes that keep each device busy (exact) and images per forward+backward (gradient).
+DEFAULT_BATCH_SIZE = {"cpu": 256, "cuda": 8192}
+DEFAULT_GRADIENT_BATCH_SIZE = {"cpu": 64, "cuda": 256}
+
+
+@dataclass
+class BackSelectResult:
+    """Backward-selection orderings of B images of ``height`` x ``width`` pixels.
+
+    ``order[b, j]`` is the row-major index of the j-th pixel removed from image b; ``values[b, j]`` is
+    ``f`` after the removals ``order[b, :j + 1]`` (so ``values[b, -1]`` is ``f`` of the fully masked
+    image). ``pixels_per_step`` > 1 for the gradient method: positions ``j`` with the same
+    ``j // pixels_per_step`` were removed in one step and share its value. ``index`` holds the dataset
+    rows of the images when known.
+    """
+
+    order: np.ndarray
+    values: np.ndarray
+    target: np.ndarray
+    full_confidence: np.ndarray
+    height: int
+    width: int
+    pixels_per_step: int = 1
+    index: np.ndarray | None = None
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.order = np.asarray(self.order).astype(np.int64, copy=False)
+        self.values = np.asarray(self.values)
+        self.target = np.asarray(self.target).astype(np.int64, copy=False)
+        self.full_confidence = np.asarray(self.full_confidence)
+        if self.index is not None:
+            self.index = np.asarray(self.index).astype(np.int64, copy=False)
+        pixels = self.height * self.width
+        b = len(self.target)
+        if self.order.shape != (b, pixels) or self.values.shape != (b, pixels) or self.full_confidence.shape != (b,):
+            raise ValueError(
+                f"inconsistent BackSelect result: order {self.order.shape}, values {self.values.shape}, "
+                f"target {self.target.shape}, full_confidence {self.full_confidence.shape} for "
+                f"{self.height}x{self.width} images"
+            )
+        if self.index is not None and self.index.shape != (b,):
+            raise ValueError(f"index has shape {self.index.shape}, expected ({b},)")
+
+    def __len__(self) -> int:
+        return len(self.target)
+
+    @property
+    def num_pixels(self) -> int:
+        return self.height * self.width
+
+    def select(self, rows) -> "BackSelectResult":
+        """The result restricted to ``rows`` (positions, a slice or a boolean mask)."""
+        return BackSelectResult(
+            self.order[rows], self.values[rows], self.target[rows], self.full_confidence[rows],
+            self.height, self.width, self.pixels_per_step,
+            None if self.index is None else self.index[rows], dict(self.meta),
+        )
+
+    def removal_step(self) -> np.ndarray:
+        """(B, H*W): the step at which each pixel (by pixel index) was removed; 0 = first."""
+        steps = np.empty_like(self.order)
+        positions = np.arange(self.num_pixels) // self.pixels_per_step
+        np.put_along_axis(steps, self.order, np.broadcast_to(positions, self.order.shape), axis=1)
+        return steps
+
+    @classmethod
+    def concatenate(cls, results: list["BackSelectResult"]) -> "BackSelectResult":
+        if not results:
+            raise ValueError("nothing to concatenate")
+        first = results[0]
+        for r in results[1:]:
+            if (r.height, r.width, r.pixels_per_step) != (first.height, first.width, first.pixels_per_step):
+                raise ValueError("cannot concatenate results of different image sizes or pixels_per_step")
+        with_index = [r.index is not None for r in results]
+        if any(with_index) and not all(with_index):
+            raise ValueError("cannot concatenate results with and without dataset indices")
+        return cls(
+            np.concatenate([r.order for r in results]), np.concatenate([r.values for r in results]),
+            np.concatenate([r.target for r in results]),
+            np.concatenate([r.full_confidence for r in results]), first.height, first.width,
+            first.pixels_per_step, np.concatenate([r.index for r in results]) if all(with_index) else None,
+            dict(first.meta),
+        )
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Compact arrays: orders as uint16 while H*W fits (int32 beyond, e.g. 299x299), values float32."""
+        order_dtype = np.uint16 if self.num_pixels <= np.iinfo(np.uint16).max + 1 else np.int32
+        index = self.index if self.index is not None else np.arange(len(self), dtype=np.int64)
+        return {
+            "index": index.astype(np.int64),
+            "order": self.order.astype(order_dtype),
+            "values": self.values.astype(np.float32),
+            "target": self.target.astype(np.int64),
+            "full_confidence": self.full_confidence.astype(np.float32),
+            "height": np.int64(self.height),
+            "width": np.int64(self.width),
+            "pixels_per_step": np.int64(self.pixels_per_step),
+            "meta": np.array(json.dumps(self.meta, sort_keys=True)),
+        }
+
+    def save(self, path, compressed: bool = True) -> None:
+        """Write atomically to ``path`` (.npz); ``index`` defaults to 0..B-1 when unknown."""
+        save_npz(path, compressed=compressed, **self.to_arrays())
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "BackSelectResult":
+        return cls(
+            arrays["order"], arrays["values"], arrays["target"], arrays["full_confidence"],
+            int(arrays["height"]), int(arrays["width"]), int(arrays.get("pixels_per_step", 1)),
+            arrays["index"], json.loads(str(arrays["meta"])) if "meta" in arrays else {},
+        )
+
+    @classmethod
+    def load(cls, path) -> "BackSelectResult":
+        arrays = load_npz(path)
+        missing = {"index", "order", "values", "target", "full_confidence", "height", "width"} - set(arrays)
+        if missing:
+            raise ValueError(f"{path} is not a BackSelect result file: it lacks {sorted(missing)}")
+        return cls.from_arrays(arrays)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# SIS and keep-masks from a stored result
+
+
+def _last_at_least(result: BackSelectResult, tau: float) -> np.ndarray:
+    """Position of the last removal after which f is still >= tau; -1 where there is none."""
+    ok = result.values >= tau
+    last = result.num_pixels - 1 - np.argmax(ok[:, ::-1], axis=1)
+    return np.where(ok.any(axis=1), last, -1)
+
+
+def sis_size(result: BackSelectResult, tau: float) -> np.ndarray:
+    """Number of pixels in each image's SIS at threshold ``tau``; NaN where f(full image) < tau.
+
+    The SIS is the tail of the ordering after the last removal whose value is still >= tau; if even the
+    fully masked image reaches tau it is empty, if no removal keeps f >= tau it is the whole image.
+    """
+    size = (result.num_pixels - 1 - _last_at_least(result, tau)).astype(np.float64)
+    size[result.full_confidence < tau] = np.nan
+    return size
+
+
+def sis_mask(result: BackSelectResult, tau: float) -> list[np.ndarray | None]:
+    """Per image, the (H*W,) bool mask of its SIS at ``tau`` (True = in the SIS), None where f(full) < tau."""
+    last = _last_at_least(result, tau)
+    masks: list[np.ndarray | None] = []
+    for b in range(len(result)):
+        if result.full_confidence[b] < tau:
+            masks.append(None)
+            continue
+        mask = np.zeros(result.num_pixels, dtype=bool)
+        mask[result.order[b, last[b] + 1:]] = True
+        masks.append(mask)
+    return masks
+
+
+def kept_count(num_pixels: int, fraction: float) -> int:
+    """ceil(fraction * num_pixels), robust to float error (5% of 1024 = 52)."""
+    if not 0 <= fraction <= 1:
+        raise ValueError(f"kept fraction must lie in [0, 1], not {fraction}")
+    return math.ceil(round(fraction * num_pixels, 9))
+
+
+def keep_last(result: BackSelectResult, n: int | None = None, fraction: float | None = None) -> np.ndarray:
+    """(B, H*W) bool keep-mask (True = kept) of the ``n`` (or ceil(fraction * H*W)) last-removed pixels."""
+    if (n is None) == (fraction is None):
+        raise ValueError("give exactly one of n and fraction")
+    if n is None:
+        n = kept_count(result.num_pixels, fraction)
+    if not 0 <= n <= result.num_pixels:
+        raise ValueError(f"cannot keep {n} of {result.num_pixels} pixels")
+    keep = np.zeros((len(result), result.num_pixels), dtype=bool)
+    if n:
+        np.put_along_axis(keep, result.order[:, result.num_pixels - n:], True, axis=1)
+    return keep
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Engines
+
+
+def _prepare_model(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """The model in eval mode, channels_last, computing in ``dtype`` (a converted copy if it differs)."""
+    model.eval()
+    floating = [t.dtype for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()]
+    if any(d != dtype for d in floating):
+        model = copy.deepcopy(model).to(dtype)
+    return model.to(memory_format=torch.channels_last)
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+class _Engine:
+    def __init__(self, model, baseline, batch_size, dtype, bf16, progress, defaults):
+        self.model = _prepare_model(model, dtype)
+        self.device = _model_device(self.model)
+        self.dtype = dtype
+        self.baseline = float(baseline)
+        self.batch_size = int(batch_size or defaults.get(self.device.type, defaults["cpu"]))
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be positive, not {batch_size}")
+        if bf16 and self.device.type != "cuda":
+            raise ValueError("bf16 mode needs the model on a CUDA device; drop bf16 on the CPU")
+        self.bf16 = bool(bf16)
+        self.progress = progress
+
+    def autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16)
+
+    def probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        """Softmax over the classes of the model's output on (N, C, H, W) ``x``, in the result dtype."""
+        with self.autocast():
+            logits = self.model(x.contiguous(memory_format=torch.channels_last))
+        return logits.to(self.dtype).softmax(1)
+
+    def check_inputs(self, images, target):
+        images = torch.as_tensor(images)
+        if images.ndim != 4 or not images.is_floating_point():
+            raise ValueError(f"images must be a float (B, C, H, W) tensor of normalised images, not {images.dtype} "
+                             f"{tuple(images.shape)}")
+        if target is not None:
+            target = torch.as_tensor(target, dtype=torch.long).flatten()
+            if len(target) != len(images):
+                raise ValueError(f"{len(target)} targets for {len(images)} images")
+        return images, target
+
+    def attribute(self, images, target=None) -> BackSelectResult:
+        """Orderings of all ``images`` ((B, C, H, W), normalised); ``target`` defaults to the prediction."""
+        rows: list[BackSelectResult | None] = [None] * len(images)
+        for i, row in self.attribute_iter(images, target):
+            rows[i] = row
+        return BackSelectResult.concatenate(rows)
+
+    def attribute_iter(self, images, target=None) -> Iterator[tuple[int, BackSelectResult]]:
+        raise NotImplementedError
+
+
+class BackSelect(_Engine):
+    """Exact backward selection.
+
+    ``batch_size`` is the number of masked candidates per forward (default: 256 on a CPU, 8192 on CUDA).
+    ``dtype`` is the compute dtype (use torch.float64 for exact comparisons; a converted copy of the model
+    is used if its parameters differ). ``bf16=True`` runs the model under bfloat16 autocast on CUDA: much
+    faster, but approximate (near-ties may resolve differently from float32). The model is put in eval
+    mode.
+    """
+
+    def __init__(self, model: torch.nn.Module, baseline: float = 0.0, batch_size: int | None = None,
+                 dtype: torch.dtype = torch.float32, bf16: bool = False, progress: bool = True):
+        super().__init__(model, baseline, batch_size, dtype, bf16, progress, DEFAULT_BATCH_SIZE)
+
+    def attribute_iter(self, images, target=None) -> Iterator[tuple[int, BackSelectResult]]:
+        """Yield ``(i, result of image i)`` as images finish (roughly in input order)."""
+        images, target = self.check_inputs(images, target)
+        num_images, channels, height, width = images.shape
+        pixels = height * width
+        if num_images == 0:
+            return
+        dev, dt = self.device, self.dtype
+        state = _SlotState(dev, dt, pixels, channels, capacity=max(2, 2 * self.batch_size // pixels + 2))
+        # Host-side schedule: the step each slot is at, how many of its candidates are already evaluated.
+        step: dict[int, int] = {}
+        cursor: dict[int, int] = {}
+        image_of: dict[int, int] = {}
+        queue: deque[int] = deque()
+        next_image = 0
+        bar = tqdm(total=num_images * pixels * (pixels + 1) // 2, unit="eval", unit_scale=True,
+                   desc="BackSelect", disable=not self.progress)
+
+        with torch.inference_mode():
+            while True:
+                # Fill one batch from the front of the queue; admit new images only once every active
+                # image's current step fits, so batches stay full until the last images finish.
+                slots, starts, counts, completed = [], [], [], []
+                room = self.batch_size
+                while room:
+                    if not queue:
+                        if next_image == num_images:
+                            break
+                        slot = state.admit(self, images[next_image], None if target is None else target[next_image])
+                        step[slot], cursor[slot], image_of[slot] = 0, 0, next_image
+                        queue.append(slot)
+                        next_image += 1
+                    slot = queue[0]
+                    left = pixels - step[slot] - cursor[slot]
+                    take = min(room, left)
+                    slots.append(slot), starts.append(cursor[slot]), counts.append(take)
+                    cursor[slot] += take
+                    room -= take
+                    if take == left:
+                        completed.append(queue.popleft())
+                if not slots:
+                    break
+                state.evaluate(self, slots, starts, counts, height, width)
+                bar.update(sum(counts))
+                state.complete(self, completed, [step[s] for s in completed])
+                for slot in completed:
+                    step[slot] += 1
+                    cursor[slot] = 0
+                    if step[slot] < pixels:
+                        queue.append(slot)
+                    else:
+                        yield image_of.pop(slot), state.release(slot, height, width)
+        bar.close()
+
+
+class _SlotState:
+    """Per-image state of the active images, on the model's device, one row ("slot") per image.
+
+    ``current``: the image with its removed pixels masked, pixel-major (= channels_last);
+    ``remaining``: its still-present pixels in ascending order, padded with ``pixels``;
+    ``scores``: f of every candidate of the current step by pixel, -inf elsewhere (argmax -> lowest index).
+    """
+
+    def __init__(self, device, dtype, pixels, channels, capacity):
+        self.device, self.dtype, self.pixels, self.channels = device, dtype, pixels, channels
+        self.capacity = 0
+        self.free: list[int] = []
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.grow(capacity)
+
+    def grow(self, capacity: int) -> None:
+        p, c, dev, dt = self.pixels, self.channels, self.device, self.dtype
+        new = capacity - self.capacity
+        fresh = {
+            "current": torch.empty(new, p, c, dtype=dt, device=dev),
+            "remaining": torch.empty(new, p, dtype=torch.long, device=dev),
+            "scores": torch.full((new, p), -torch.inf, dtype=dt, device=dev),
+            "order": torch.empty(new, p, dtype=torch.long, device=dev),
+            "values": torch.empty(new, p, dtype=dt, device=dev),
+            "target": torch.empty(new, dtype=torch.long, device=dev),
+            "full": torch.empty(new, dtype=dt, device=dev),
+        }
+        for name, tensor in fresh.items():
+            old = self.tensors.get(name)
+            self.tensors[name] = tensor if old is None else torch.cat([old, tensor])
+        self.free.extend(range(capacity - 1, self.capacity - 1, -1))
+        self.capacity = capacity
+
+    def indices(self, values) -> torch.Tensor:
+        # Pageable host memory is staged by the copy call itself, so non_blocking needs no host sync.
+        return torch.from_numpy(np.asarray(values, dtype=np.int64)).to(self.device, non_blocking=True)
+
+    def admit(self, engine: BackSelect, image: torch.Tensor, target) -> int:
+        if not self.free:
+            self.grow(2 * self.capacity)
+        slot = self.free.pop()
+        t = self.tensors
+        x = image.to(self.device, self.dtype)
+        t["current"][slot] = x.permute(1, 2, 0).reshape(self.pixels, self.channels)
+        t["remaining"][slot] = torch.arange(self.pixels, device=self.device)
+        probs = engine.probabilities(x.unsqueeze(0))[0]
+        cls = probs.argmax() if target is None else target.to(self.device)
+        t["target"][slot] = cls
+        t["full"][slot] = probs[cls]
+        return slot
+
+    def evaluate(self, engine: BackSelect, slots, starts, counts, height, width) -> None:
+        """f of every candidate in the batch (slot, rank range), written into ``scores``."""
+        t = self.tensors
+        rows = self.indices(np.repeat(slots, counts))
+        ranks = self.indices(np.concatenate([np.arange(s, s + n) for s, n in zip(starts, counts)]))
+        pixel = t["remaining"][rows, ranks]
+        x = t["current"][rows]
+        x[torch.arange(len(rows), device=self.device), pixel] = engine.baseline
+        x = x.view(len(rows), height, width, self.channels).permute(0, 3, 1, 2)
+        f = engine.probabilities(x).gather(1, t["target"][rows].unsqueeze(1)).squeeze(1)
+        t["scores"][rows, pixel] = f
+
+    def complete(self, engine: BackSelect, slots, steps) -> None:
+        """Finish the current step of ``slots``: remove each one's best candidate and record it."""
+        if not slots:
+            return
+        t = self.tensors
+        rows, steps = self.indices(slots), self.indices(steps)
+        scores = t["scores"][rows]
+        best = scores.argmax(1)  # first maximum = lowest pixel index on ties
+        t["order"][rows, steps] = best
+        t["values"][rows, steps] = scores.gather(1, best.unsqueeze(1)).squeeze(1)
+        t["current"][rows, best] = engine.baseline
+        remaining = t["remaining"][rows]
+        shifted = torch.cat([remaining[:, 1:], torch.full_like(remaining[:, :1], self.pixels)], 1)
+        t["remaining"][rows] = torch.where(remaining >= best.unsqueeze(1), shifted, remaining)
+        t["scores"][rows] = -torch.inf
+
+    def release(self, slot: int, height: int, width: int) -> BackSelectResult:
+        self.free.append(slot)
+        # Copies: on the CPU, .cpu() would return views of storage the next image reuses.
+        row = {name: self.tensors[name][slot : slot + 1].to("cpu", copy=True).numpy()
+               for name in ("order", "values", "target", "full")}
+        return BackSelectResult(row["order"], row["values"], row["target"], row["full"], height, width)
+
+
+class GradientBackSelect(_Engine):
+    """Batched Gradient BackSelect: one forward+backward per step removes ``pixels_per_step`` pixels.
+
+    A float mask M (B, 1, H, W) starts at 0 (present); the model sees ``x * (1 - M) + baseline * M``. Each
+    step takes the gradient of sum_b f_b with respect to M and, per image, masks the ``pixels_per_step``
+    still-present pixels with the largest gradient (stable sort: ties to the lowest index), in that order.
+    A step's value is f after the step. ``batch_size`` is images per forward+backward (default 64 on a
+    CPU, 256 on CUDA); ``dtype`` and ``bf16`` as in :class:`BackSelect`.
+    """
+
+    def __init__(self, model: torch.nn.Module, pixels_per_step: int = 10, baseline: float = 0.0,
+                 batch_size: int | None = None, dtype: torch.dtype = torch.float32, bf16: bool = False,
+                 progress: bool = True):
+        super().__init__(model, baseline, batch_size, dtype, bf16, progress, DEFAULT_GRADIENT_BATCH_SIZE)
+        if pixels_per_step < 1:
+            raise ValueError(f"pixels_per_step must be at least 1, not {pixels_per_step}")
+        self.pixels_per_step = int(pixels_per_step)
+
+    def attribute_iter(self, images, target=None) -> Iterator[tuple[int, BackSelectResult]]:
+        """Yield ``(i, result of image i)``, one batch of images at a time."""
+        images, target = self.check_inputs(images, target)
+        num_images, _, height, width = images.shape
+        pixels, k = height * width, self.pixels_per_step
+        steps = math.ceil(pixels / k)
+        bar = tqdm(total=num_images * steps, unit="img-step", unit_scale=True, desc="GradientBackSelect",
+                   disable=not self.progress)
+        for start in range(0, num_images, self.batch_size):
+            x = images[start : start + self.batch_size].to(self.device, self.dtype)
+            chunk_target = None if target is None else target[start : start + self.batch_size].to(self.device)
+            result = self._select(x, chunk_target, bar)
+            for i in range(len(result)):
+                yield start + i, result.select(slice(i, i + 1))
+        bar.close()
+
+    def _confidence(self, x, mask, target):
+        """f of every image under ``mask`` (and the target, taken from the prediction when None)."""
+        masked = x * (1 - mask) + self.baseline * mask
+        probs = self.probabilities(masked)
+        if target is None:
+            target = probs.detach().argmax(1)
+        return probs.gather(1, target.unsqueeze(1)).squeeze(1), target
+
+    def _select(self, x: torch.Tensor, target, bar) -> BackSelectResult:
+        n, _, height, width = x.shape
+        pixels, k = height * width, self.pixels_per_step
+        order = torch.empty(n, pixels, dtype=torch.long, device=self.device)
+        values = torch.empty(n, pixels, dtype=self.dtype, device=self.device)
+        removed = torch.zeros(n, pixels, dtype=torch.bool, device=self.device)
+        full = None
+        for pos in range(0, pixels, k):
+            mask = removed.view(n, 1, height, width).to(self.dtype).requires_grad_()
+            with torch.enable_grad():
+                f, target = self._confidence(x, mask, target)
+                (grad,) = torch.autograd.grad(f.sum(), mask)
+            if full is None:
+                full = f.detach()
+            else:
+                values[:, pos - k : pos] = f.detach().unsqueeze(1)
+            grad = grad.view(n, pixels).masked_fill(removed, -torch.inf)
+            take = grad.sort(dim=1, descending=True, stable=True).indices[:, : min(k, pixels - pos)]
+            order[:, pos : pos + take.shape[1]] = take
+            removed.scatter_(1, take, True)
+            bar.update(n)
+        with torch.inference_mode():
+            f, _ = self._confidence(x, removed.view(n, 1, height, width).to(self.dtype), target)
+        values[:, (math.ceil(pixels / k) - 1) * k :] = f.unsqueeze(1)
+        return BackSelectResult(order.cpu().numpy(), values.cpu().numpy(), target.cpu().numpy(),
+                                full.cpu().numpy(), height, width, pixels_per_step=k)

@@ -1,0 +1,288 @@
+"""SIS on the command line: resumable shard runs, merging shards, and exact-vs-gradient agreement.
+
+``overinterp sis`` computes backward-selection orderings for one shard (``np.array_split`` of the split's
+images) and checkpoints finished images to ``<out>.partial.npz`` beside the output, so a killed run
+resumes at image granularity. ``overinterp sis-merge`` joins the shards of a split after checking that
+they are complete and belong together. ``overinterp sis-agreement`` compares the kept pixels and the
+orderings of the two methods on the same images; ``overinterp sis-agreement-table`` summarises them.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .sis import BackSelect, BackSelectResult, GradientBackSelect, keep_last, kept_count
+from .utils import load_npz, resolve_device, save_dataframe
+
+log = logging.getLogger(__name__)
+
+METHODS = ("exact", "gradient")
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+# Shards of one split must agree on everything in their metadata except these.
+PER_SHARD_KEYS = ("shard", "images_sha1")
+
+
+def partial_path(out) -> Path:
+    out = Path(out)
+    return out.with_name(out.name.removesuffix(".npz") + ".partial.npz")
+
+
+def run_shard(engine, images: torch.Tensor, index: np.ndarray, out, meta: dict,
+              checkpoint_seconds: float = 30.0) -> BackSelectResult:
+    """BackSelect ``images`` (rows ``index`` of the dataset) with ``engine`` and write ``out`` atomically.
+
+    Finished images are saved to a partial file beside ``out`` at most every ``checkpoint_seconds``; a
+    rerun with the same ``meta`` (which should identify model, images and settings) continues from it.
+    """
+    partial = partial_path(out)
+    done: dict[int, BackSelectResult] = {}
+    if partial.exists():
+        previous = BackSelectResult.load(partial)
+        if previous.meta == meta:
+            position = {int(row): i for i, row in enumerate(index)}
+            done = {position[int(row)]: previous.select(slice(i, i + 1)) for i, row in enumerate(previous.index)}
+            log.info("resuming %s: %d of %d images already done", out, len(done), len(index))
+        else:
+            log.warning("ignoring %s: it was made with other settings, images or model", partial)
+
+    def checkpoint():
+        rows = [done[i] for i in sorted(done)]
+        result = BackSelectResult.concatenate(rows)
+        result.meta = meta
+        result.save(partial, compressed=False)
+
+    todo = np.array([i for i in range(len(index)) if i not in done], dtype=np.int64)
+    last_save = time.monotonic()
+    if len(todo):
+        for i, row in engine.attribute_iter(images[torch.from_numpy(todo)]):
+            row.index = index[todo[i] : todo[i] + 1]
+            done[int(todo[i])] = row
+            if time.monotonic() - last_save >= checkpoint_seconds and len(done) < len(index):
+                checkpoint()
+                last_save = time.monotonic()
+    result = BackSelectResult.concatenate([done[i] for i in range(len(index))])
+    result.meta = meta
+    result.save(out)
+    partial.unlink(missing_ok=True)
+    return result
+
+
+def merge_shards(paths) -> BackSelectResult:
+    """One split's result from all its shard files (any order), checked for completeness and consistency."""
+    shards = [BackSelectResult.load(p) for p in paths]
+    if not shards:
+        raise ValueError("no shard files given to merge")
+    common = [{k: v for k, v in s.meta.items() if k not in PER_SHARD_KEYS} for s in shards]
+    for path, c in zip(paths, common):
+        if c != common[0]:
+            raise ValueError(
+                f"{path} does not belong with {paths[0]}: their settings differ "
+                f"({ {k: (c.get(k), common[0].get(k)) for k in set(c) | set(common[0]) if c.get(k) != common[0].get(k)} }). "
+                "Delete the stale shard files and rerun."
+            )
+    count = common[0].get("shards")
+    ids = sorted(s.meta.get("shard", -1) for s in shards)
+    if count is None or ids != list(range(count)):
+        raise ValueError(f"expected shard files 0..{count - 1 if count else '?'} exactly once each, got shard ids {ids}")
+    shards.sort(key=lambda s: s.meta["shard"])
+    merged = BackSelectResult.concatenate(shards)
+    if len(np.unique(merged.index)) != len(merged):
+        raise ValueError("the shards overlap: some dataset rows appear in more than one shard")
+    merged.meta = common[0]
+    return merged
+
+
+def file_md5(path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def build_engine(method: str, model, args) -> BackSelect | GradientBackSelect:
+    common = dict(baseline=args.baseline, batch_size=args.batch_size, dtype=DTYPES[args.dtype], bf16=args.bf16)
+    if method == "exact":
+        return BackSelect(model, **common)
+    return GradientBackSelect(model, pixels_per_step=args.pixels_per_step, **common)
+
+
+def add_normalization_arguments(p) -> None:
+    p.add_argument("--mean", type=float, nargs=3, default=None)
+    p.add_argument("--std", type=float, nargs=3, default=None)
+    p.add_argument("--baseline", type=float, default=0.0, help="value of masked pixels after normalisation")
+
+
+def add_commands(subparsers) -> None:
+    p = subparsers.add_parser("sis", help="backward-selection orderings of one shard of a split (resumable)")
+    p.add_argument("--data", required=True, help="converted dataset (.npz)")
+    p.add_argument("--model", required=True, help="model file (.pt)")
+    p.add_argument("--split", required=True, choices=["train", "test"])
+    p.add_argument("--size", type=int, default=None, help="class-balanced subset size of the split")
+    p.add_argument("--limit", type=int, default=None, help="only the first LIMIT images (after --size)")
+    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument("--pixels-per-step", type=int, default=10, help="gradient method: pixels masked per step")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="candidates per forward (exact) or images per step (gradient); default per device")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast on CUDA (faster, approximate)")
+    p.add_argument("--shard", type=int, default=0)
+    p.add_argument("--shards", type=int, default=1)
+    p.add_argument("--checkpoint-seconds", type=float, default=30.0, help="save finished images this often")
+    add_normalization_arguments(p)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", required=True, help="result file (.npz)")
+    p.set_defaults(handler=run_sis)
+
+    p = subparsers.add_parser("sis-merge", help="merge the shard files of one split into one result file")
+    p.add_argument("--out", required=True)
+    p.add_argument("shards", nargs="+")
+    p.set_defaults(handler=lambda a: merge_shards(a.shards).save(a.out) or 0)
+
+    p = subparsers.add_parser("sis-agreement", help="per-image agreement of exact and gradient orderings")
+    p.add_argument("--exact", required=True, help="exact BackSelect result (.npz)")
+    p.add_argument("--gradient", required=True, help="gradient BackSelect result (.npz)")
+    p.add_argument("--fraction", type=float, default=0.05, help="kept fraction compared (default 0.05)")
+    p.add_argument("--data", required=True, help="converted dataset, to evaluate the model on the kept pixels")
+    p.add_argument("--model", required=True)
+    p.add_argument("--split", default="test", choices=["train", "test"])
+    add_normalization_arguments(p)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", required=True, help="per-image table (.csv)")
+    p.set_defaults(handler=run_agreement)
+
+    p = subparsers.add_parser("sis-agreement-table", help="summary of per-image agreement tables, one row per model")
+    p.add_argument("--csv", required=True)
+    p.add_argument("--markdown", required=True)
+    p.add_argument("tables", nargs="+", metavar="MODEL=CSV")
+    p.set_defaults(handler=run_agreement_table)
+
+
+def run_sis(args: argparse.Namespace) -> int:
+    from .data import load_split
+    from .models import load_model
+    from .train import normalizer_from_args
+
+    if not 0 <= args.shard < args.shards:
+        raise ValueError(f"--shard must lie in 0..{args.shards - 1}, not {args.shard}")
+    split = load_split(args.data, args.split, args.size)
+    rows = np.arange(len(split) if args.limit is None else min(args.limit, len(split)))
+    rows = np.array_split(rows, args.shards)[args.shard]
+    images = split.images[torch.from_numpy(rows)]
+    normalizer = normalizer_from_args(args)
+    meta = {
+        "method": args.method, "pixels_per_step": args.pixels_per_step if args.method == "gradient" else 1,
+        "split": args.split, "size": args.size, "limit": args.limit, "shard": args.shard, "shards": args.shards,
+        "mean": normalizer.mean.flatten().tolist(), "std": normalizer.std.flatten().tolist(),
+        "baseline": normalizer.baseline, "dtype": args.dtype, "bf16": args.bf16,
+        "model_md5": file_md5(args.model),
+        "images_sha1": hashlib.sha1(images.numpy().tobytes()).hexdigest(),
+    }
+    model = load_model(args.model, resolve_device(args.device))
+    engine = build_engine(args.method, model, args)
+    log.info("%s BackSelect of %d %s images (shard %d of %d) on %s", args.method, len(rows), args.split,
+             args.shard, args.shards, engine.device)
+    run_shard(engine, normalizer(images), split.index[rows], args.out, meta, args.checkpoint_seconds)
+    return 0
+
+
+def rank_correlation(a: BackSelectResult, b: BackSelectResult) -> np.ndarray:
+    """Spearman correlation, per image, of the removal positions of every pixel in two orderings."""
+    n = a.num_pixels
+    pos_a, pos_b = np.argsort(a.order, axis=1), np.argsort(b.order, axis=1)
+    d2 = ((pos_a - pos_b).astype(np.float64) ** 2).sum(1)
+    return 1 - 6 * d2 / (n * (n * n - 1))
+
+
+def agreement(exact: BackSelectResult, gradient: BackSelectResult, fraction: float):
+    """Per image in both results: overlap of the kept pixels (|A & B| / |A|) and rank correlation.
+
+    Returns the table and, for each method, its result restricted to those images and their keep-masks.
+    """
+    common, ie, ig = np.intersect1d(exact.index, gradient.index, return_indices=True)
+    if not len(common):
+        raise ValueError("the exact and gradient results share no images; run both on the same sample")
+    if (exact.height, exact.width) != (gradient.height, gradient.width):
+        raise ValueError("the exact and gradient results are for different image sizes")
+    exact, gradient = exact.select(ie), gradient.select(ig)
+    n = kept_count(exact.num_pixels, fraction)
+    keep_e, keep_g = keep_last(exact, n=n), keep_last(gradient, n=n)
+    return pd.DataFrame({
+        "index": common,
+        "target": exact.target,
+        "same_target": exact.target == gradient.target,
+        "full_confidence": exact.full_confidence,
+        "pixels": exact.num_pixels,
+        "kept_pixels": n,
+        "overlap": (keep_e & keep_g).sum(1) / max(n, 1),
+        "spearman": rank_correlation(exact, gradient),
+    }), (exact, keep_e), (gradient, keep_g)
+
+
+def kept_confidence(model, normalizer, images: torch.Tensor, keep: np.ndarray, target: np.ndarray, height, width):
+    """f of ``target`` on the images reduced to their kept pixels."""
+    from .evaluate import predict
+
+    keep = torch.from_numpy(keep).view(-1, 1, height, width)
+    device = next(model.parameters()).device
+    probs = predict(model, normalizer(images.to(device), keep.to(device)))
+    return probs.gather(1, torch.from_numpy(target).to(probs.device).unsqueeze(1)).squeeze(1).cpu().numpy()
+
+
+def run_agreement(args: argparse.Namespace) -> int:
+    from .data import load_split
+    from .models import load_model
+    from .train import normalizer_from_args
+
+    table, (exact, keep_e), (gradient, keep_g) = agreement(
+        BackSelectResult.load(args.exact), BackSelectResult.load(args.gradient), args.fraction)
+    split = load_split(args.data, args.split)  # the whole split: result indices are dataset rows
+    images = split.images[torch.from_numpy(exact.index)]
+    model = load_model(args.model, resolve_device(args.device))
+    normalizer = normalizer_from_args(args)
+    h, w = exact.height, exact.width
+    table["exact_kept_confidence"] = kept_confidence(model, normalizer, images, keep_e, exact.target, h, w)
+    table["gradient_kept_confidence"] = kept_confidence(model, normalizer, images, keep_g, gradient.target, h, w)
+    save_dataframe(args.out, table)
+    return 0
+
+
+def summarize_agreement(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    rows = []
+    for name, t in tables.items():
+        rows.append({
+            "model": name,
+            "images": len(t),
+            "kept_pixels": int(t["kept_pixels"].iloc[0]),
+            "overlap_mean": t["overlap"].mean(),
+            "overlap_sd": t["overlap"].std(ddof=1) if len(t) > 1 else float("nan"),
+            "overlap_median": t["overlap"].median(),
+            # Expected overlap of two independent random subsets of the same size.
+            "overlap_chance": t["kept_pixels"].iloc[0] / t["pixels"].iloc[0],
+            "spearman_mean": t["spearman"].mean(),
+            "spearman_median": t["spearman"].median(),
+            "exact_kept_confidence_mean": t["exact_kept_confidence"].mean(),
+            "gradient_kept_confidence_mean": t["gradient_kept_confidence"].mean(),
+            "same_target": t["same_target"].mean(),
+        })
+    return pd.DataFrame(rows)
+
+
+def run_agreement_table(args: argparse.Namespace) -> int:
+    tables = {}
+    for item in args.tables:
+        name, sep, path = item.partition("=")
+        if not sep:
+            raise ValueError(f"expected MODEL=CSV, got {item!r}")
+        tables[name] = pd.read_csv(path)
+    summary = summarize_agreement(tables)
+    save_dataframe(args.csv, summary)
+    save_dataframe(args.markdown, summary.round(4))
+    return 0

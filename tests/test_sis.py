@@ -1,0 +1,269 @@
+"""BackSelect and GradientBackSelect against straightforward implementations; SIS and keep-mask helpers."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from overinterp.sis import (BackSelect, BackSelectResult, GradientBackSelect, keep_last, kept_count, sis_mask,
+                            sis_size)
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+class IgnorePixels(nn.Module):
+    """Multiplies the input by a fixed 0/1 pixel mask: masking an ignored pixel changes nothing (exact ties)."""
+
+    def __init__(self, ignored: torch.Tensor):
+        super().__init__()
+        self.register_buffer("keep", (~ignored).double()[None, None])
+
+    def forward(self, x):
+        return x * self.keep.to(x.dtype)
+
+
+def small_model(seed: int, height: int, width: int, ignore_fraction: float = 0.0, classes: int = 4) -> nn.Module:
+    """A random conv net with batch norm (eval statistics) and, optionally, pixels it cannot see."""
+    g = torch.Generator().manual_seed(seed)
+    layers = []
+    if ignore_fraction:
+        layers.append(IgnorePixels(torch.rand(height, width, generator=g) < ignore_fraction))
+    layers += [nn.Conv2d(3, 5, 3, padding=1), nn.BatchNorm2d(5), nn.ReLU(), nn.Conv2d(5, 6, 3, stride=2, padding=1),
+               nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, classes)]
+    net = nn.Sequential(*layers)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 1.5)
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    return net.double().eval()
+
+
+def reference_backselect(model, image, baseline=0.0, target=None):
+    """The algorithm as written: one image, evaluate every remaining pixel, remove the argmax (first on ties).
+
+    Returns order, values, target, full confidence, and how many steps had a tied maximum."""
+    c, h, w = image.shape
+    with torch.no_grad():
+        probs = model(image[None]).softmax(1)[0]
+        t = int(probs.argmax()) if target is None else int(target)
+        current = image.clone().reshape(c, h * w)
+        remaining = list(range(h * w))
+        order, values, ties = [], [], 0
+        while remaining:
+            candidates = current.repeat(len(remaining), 1, 1)
+            for i, p in enumerate(remaining):
+                candidates[i, :, p] = baseline
+            f = model(candidates.reshape(-1, c, h, w)).softmax(1)[:, t].numpy()
+            best = int(np.argmax(f))
+            ties += int((f == f[best]).sum() > 1)
+            p = remaining.pop(best)
+            current[:, p] = baseline
+            order.append(p)
+            values.append(f[best])
+    return np.array(order), np.array(values), t, float(probs[t]), ties
+
+
+def reference_gradient(model, image, k, baseline=0.0):
+    """Gradient BackSelect of one image, written out step by step with Python sorting."""
+    c, h, w = image.shape
+    mask = torch.zeros(1, 1, h, w, dtype=image.dtype)
+    with torch.no_grad():
+        t = int(model(image[None]).softmax(1).argmax())
+    order, values = [], []
+    removed: set[int] = set()
+    while len(removed) < h * w:
+        m = mask.clone().requires_grad_()
+        f = model(image[None] * (1 - m) + baseline * m).softmax(1)[0, t]
+        (g,) = torch.autograd.grad(f, m)
+        g = g.flatten().tolist()
+        present = [p for p in range(h * w) if p not in removed]
+        chosen = sorted(present, key=lambda p: (-g[p], p))[:k]
+        for p in chosen:
+            removed.add(p)
+            mask[0, 0, p // w, p % w] = 1
+        with torch.no_grad():
+            after = float(model(image[None] * (1 - mask) + baseline * mask).softmax(1)[0, t])
+        order += chosen
+        values += [after] * len(chosen)
+    return np.array(order), np.array(values), t
+
+
+def check_against_reference(model, images, batch_size, baseline=0.0, device="cpu", target=None):
+    engine = BackSelect(model.to(device), baseline=baseline, batch_size=batch_size, dtype=torch.float64,
+                        progress=False)
+    result = engine.attribute(images.to(device), target)
+    model.cpu()
+    ties = 0
+    for b in range(len(images)):
+        order, values, t, full, tied = reference_backselect(model, images[b], baseline,
+                                                            None if target is None else target[b])
+        ties += tied
+        np.testing.assert_array_equal(result.order[b], order)
+        np.testing.assert_allclose(result.values[b], values, rtol=0, atol=1e-12)
+        assert result.target[b] == t
+        assert result.full_confidence[b] == pytest.approx(full, abs=1e-12)
+    return result, ties
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("batch_size", [2, 5, 35, 36, 100, 10_000])
+def test_backselect_matches_reference_non_square(device, batch_size):
+    model = small_model(0, 5, 7)
+    images = torch.randn(2, 3, 5, 7, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    check_against_reference(model, images, batch_size, device=device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_backselect_exact_ties_go_to_the_lowest_index(device):
+    model = small_model(3, 6, 6, ignore_fraction=0.4)
+    images = torch.randn(3, 3, 6, 6, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    _, ties = check_against_reference(model, images, batch_size=13, baseline=0.3, device=device)
+    assert ties > 0, "the ignored pixels should produce exact ties"
+
+
+def test_backselect_constant_model_removes_pixels_in_index_order():
+    class Constant(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.logits = nn.Parameter(torch.tensor([0.2, 1.0, -0.5]))
+
+        def forward(self, x):
+            return self.logits.expand(len(x), -1)
+
+    result = BackSelect(Constant(), batch_size=7, progress=False).attribute(torch.randn(2, 3, 4, 3))
+    np.testing.assert_array_equal(result.order, np.tile(np.arange(12), (2, 1)))
+    np.testing.assert_array_equal(result.target, [1, 1])
+    np.testing.assert_allclose(result.values, np.exp(1.0) / np.exp([0.2, 1.0, -0.5]).sum(), rtol=1e-6)
+
+
+def test_backselect_follows_a_given_target():
+    model = small_model(5, 4, 4)
+    images = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    result, _ = check_against_reference(model, images, batch_size=9, target=torch.tensor([2, 0]))
+    np.testing.assert_array_equal(result.target, [2, 0])
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 10_000), height=st.integers(1, 5), width=st.integers(1, 6),
+       images=st.integers(1, 3), batch_size=st.integers(1, 40), ignore=st.sampled_from([0.0, 0.5]),
+       baseline=st.sampled_from([0.0, -1.0]))
+def test_backselect_property(seed, height, width, images, batch_size, ignore, baseline):
+    model = small_model(seed, height, width, ignore_fraction=ignore)
+    x = torch.randn(images, 3, height, width, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    check_against_reference(model, x, batch_size, baseline=baseline)
+
+
+def test_backselect_iterator_yields_every_image_once():
+    model = small_model(7, 3, 3)
+    images = torch.randn(5, 3, 3, 3, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    engine = BackSelect(model, batch_size=4, dtype=torch.float64, progress=False)
+    seen = [i for i, row in engine.attribute_iter(images)]
+    assert sorted(seen) == list(range(5))
+    whole = engine.attribute(images)
+    for i, row in engine.attribute_iter(images):
+        np.testing.assert_array_equal(row.order[0], whole.order[i])
+
+
+def test_float32_copy_leaves_the_model_alone():
+    model = small_model(9, 4, 4).float()
+    BackSelect(model, dtype=torch.float64, progress=False).attribute(torch.randn(1, 3, 4, 4))
+    assert next(model.parameters()).dtype == torch.float32
+
+
+def test_bf16_needs_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(ValueError, match="CUDA"):
+        BackSelect(small_model(0, 2, 2), bf16=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("k,batch_size", [(1, 2), (4, 3), (7, 1)])
+def test_gradient_backselect_matches_reference(device, k, batch_size):
+    model = small_model(11, 4, 5)
+    images = torch.randn(3, 3, 4, 5, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+    result = GradientBackSelect(model.to(device), pixels_per_step=k, batch_size=batch_size, dtype=torch.float64,
+                                progress=False).attribute(images.to(device))
+    model.cpu()
+    assert result.pixels_per_step == k
+    for b in range(3):
+        order, values, t = reference_gradient(model, images[b], k)
+        np.testing.assert_array_equal(result.order[b], order)
+        np.testing.assert_allclose(result.values[b], values, rtol=0, atol=1e-12)
+        assert result.target[b] == t
+    steps = result.removal_step()
+    assert steps.max() == math.ceil(20 / k) - 1
+    np.testing.assert_array_equal(np.take_along_axis(steps, result.order, 1)[0], np.arange(20) // k)
+
+
+def test_gradient_with_one_pixel_per_step_on_a_linear_model_is_exact_backselect():
+    """For f monotone in a linear score, the largest-gradient pixel is the one whose removal hurts f least."""
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16, 2)).double()
+    images = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(13), dtype=torch.float64)
+    exact = BackSelect(net, dtype=torch.float64, progress=False).attribute(images)
+    gradient = GradientBackSelect(net, pixels_per_step=1, dtype=torch.float64, progress=False).attribute(images)
+    np.testing.assert_array_equal(exact.order, gradient.order)
+    np.testing.assert_allclose(exact.values, gradient.values, atol=1e-12)
+
+
+def hand_made() -> BackSelectResult:
+    """Two 2x3 images: f after each removal, orders chosen by hand."""
+    return BackSelectResult(
+        order=[[5, 0, 3, 1, 4, 2], [0, 1, 2, 3, 4, 5]],
+        values=[[0.995, 0.993, 0.99, 0.98, 0.991, 0.5], [0.97, 0.96, 0.95, 0.94, 0.93, 0.92]],
+        target=[1, 2], full_confidence=[0.999, 0.98], height=2, width=3,
+    )
+
+
+def test_sis_size_and_mask():
+    r = hand_made()
+    # Image 0: the last value >= 0.99 is at position 4 (0.991), so the SIS is the last pixel, 2.
+    sizes = sis_size(r, 0.99)
+    assert sizes[0] == 1 and np.isnan(sizes[1])
+    masks = sis_mask(r, 0.99)
+    assert masks[1] is None
+    np.testing.assert_array_equal(np.flatnonzero(masks[0]), [2])
+    # At 0.992: last value >= 0.992 is position 1, so pixels removed after it: 3, 1, 4, 2.
+    assert sis_size(r, 0.992)[0] == 4
+    np.testing.assert_array_equal(np.flatnonzero(sis_mask(r, 0.992)[0]), [1, 2, 3, 4])
+    # No removal keeps f >= 0.996: the SIS is the whole image; the all-masked value >= 0.4: empty SIS.
+    assert sis_size(r, 0.996)[0] == 6 and sis_mask(r, 0.996)[0].all()
+    assert sis_size(r, 0.4)[0] == 0 and not sis_mask(r, 0.4)[0].any()
+    assert sis_size(r, 0.9).tolist() == [1, 0]
+
+
+def test_keep_last():
+    r = hand_made()
+    keep = keep_last(r, n=2)
+    np.testing.assert_array_equal(np.flatnonzero(keep[0]), [2, 4])
+    np.testing.assert_array_equal(np.flatnonzero(keep[1]), [4, 5])
+    np.testing.assert_array_equal(keep_last(r, fraction=0.5), keep_last(r, n=3))
+    assert not keep_last(r, n=0).any() and keep_last(r, fraction=1.0).all()
+    assert kept_count(1024, 0.05) == 52 and kept_count(1000, 0.05) == 50 and kept_count(1024, 0.1) == 103
+    with pytest.raises(ValueError):
+        keep_last(r)
+
+
+@pytest.mark.parametrize("side,dtype", [(32, np.uint16), (256, np.uint16), (299, np.int32)])
+def test_save_and_load_compactly(tmp_path, side, dtype):
+    rng = np.random.default_rng(0)
+    pixels = side * side
+    r = BackSelectResult(np.stack([rng.permutation(pixels) for _ in range(2)]), rng.random((2, pixels)),
+                         [3, 4], [0.9, 0.8], side, side, pixels_per_step=10, index=[17, 5], meta={"method": "x"})
+    r.save(tmp_path / "r.npz")
+    with np.load(tmp_path / "r.npz") as z:
+        assert z["order"].dtype == dtype and z["values"].dtype == np.float32
+        assert {"index", "order", "values", "target", "full_confidence", "height", "width"} <= set(z.files)
+    back = BackSelectResult.load(tmp_path / "r.npz")
+    np.testing.assert_array_equal(back.order, r.order)
+    np.testing.assert_array_equal(back.index, [17, 5])
+    np.testing.assert_allclose(back.values, r.values, rtol=1e-7)
+    assert (back.height, back.width, back.pixels_per_step, back.meta) == (side, side, 10, {"method": "x"})

@@ -1,0 +1,43 @@
+# Mitigation experiments: ensembles and input-dropout models measured like the single models (SIS sizes,
+# confidence on their own backward-selection subsets, retrained accuracy where configured).
+
+
+rule ensemble:
+    input:
+        lambda w: [f"results/models/{member}/model.pt" for member in ensemble_members(w.name)],
+    output:
+        "results/models/ensemble-{name}/model.pt",
+    log:
+        "logs/ensemble/{name}.log",
+    shell:
+        "{OVERINTERP} ensemble --out {output} {input} 2> {log}"
+
+
+def mitigation_outputs():
+    return multiext("results/tables/mitigation", ".csv", ".md") if mitigation_models() else []
+
+
+rule mitigation_table:
+    input:
+        summaries=lambda w: [
+            path
+            for model in compared_models()
+            for path in (
+                f"results/eval/{model}/full.json",
+                f"results/eval/{model}/{SIS_METHOD}-bs-{FRACTIONS[0]}.json",
+                *(
+                    f"results/retrain/{model}/{SIS_METHOD}-bs-{FRACTIONS[0]}-s{seed}/test.json"
+                    for seed in (RETRAIN_SEEDS if model in sis_models() else [])
+                ),
+            )
+        ],
+        sizes=expand("results/tables/sis_sizes/{model}.csv", model=compared_models()),
+    output:
+        multiext("results/tables/mitigation", ".csv", ".md"),
+    params:
+        tau=config["sis"]["tau"],
+    log:
+        "logs/tables/mitigation.log",
+    shell:
+        "{OVERINTERP} tables mitigation --tau {params.tau} --out results/tables/mitigation "
+        "--sis-sizes {input.sizes} --summaries {input.summaries} 2> {log}"

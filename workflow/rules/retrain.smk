@@ -1,0 +1,50 @@
+# Fresh models trained and tested on pixel subsets (backward selection, random, mask positions only).
+
+
+rule retrain:
+    input:
+        data=DATASET,
+        masks=lambda w: keep_masks(w.model, w.subset),
+    output:
+        model="results/retrain/{model}/{subset}-s{seed}/model.pt",
+        metrics="results/retrain/{model}/{subset}-s{seed}/metrics.csv",
+    params:
+        arch=lambda w: arch_of(w.model),
+        recipe=recipe_json(),  # a fresh model with the plain recipe, whatever selected the pixels
+        sizes=size_args(),
+        norm=normalization_args(),
+        positions=lambda w: "--positions-only" if parse_subset(w.subset)["subset"] == "positions" else "",
+    resources:
+        gpu=1,
+    log:
+        "logs/retrain/{model}/{subset}-s{seed}.log",
+    benchmark:
+        "results/benchmarks/retrain/{model}/{subset}-s{seed}.tsv"
+    shell:
+        "{OVERINTERP} train --data {input.data} --arch {params.arch} --seed {wildcards.seed} "
+        "--recipe {params.recipe} {params.sizes} {params.norm} --keep-masks {input.masks} {params.positions} "
+        "--checkpoint results/checkpoints/retrain/{wildcards.model}/{wildcards.subset}-s{wildcards.seed}.pt "
+        "--out {output.model} --metrics {output.metrics} 2> {log}"
+
+
+rule evaluate_retrained:
+    input:
+        data=DATASET,
+        model="results/retrain/{model}/{subset}-s{seed}/model.pt",
+        masks=lambda w: keep_masks(w.model, w.subset),
+        reference="results/eval/{model}/full.csv",
+    output:
+        predictions="results/retrain/{model}/{subset}-s{seed}/test.csv",
+        summary="results/retrain/{model}/{subset}-s{seed}/test.json",
+    params:
+        size=split_size_arg("test"),
+        norm=normalization_args(),
+        positions=lambda w: "--positions-only" if parse_subset(w.subset)["subset"] == "positions" else "",
+        tags=lambda w: evaluation_tags(w.model, "trained", w.subset, seed=w.seed),
+    log:
+        "logs/evaluate/retrain/{model}/{subset}-s{seed}.log",
+    shell:
+        "{OVERINTERP} evaluate --data {input.data} --model {input.model} --keep-masks {input.masks} "
+        "{params.positions} {params.size} {params.norm} {params.tags} "
+        "--reference-predictions {input.reference} "
+        "--predictions {output.predictions} --summary {output.summary} 2> {log}"
