@@ -25,14 +25,14 @@ include: "workflow/rules/sis.smk"
 include: "workflow/rules/subsets.smk"
 include: "workflow/rules/retrain.smk"
 include: "workflow/rules/analysis.smk"
-include: "workflow/rules/mitigation.smk"
 include: "workflow/rules/humaneval.smk"
+include: "workflow/rules/figures.smk"
+include: "workflow/rules/mitigation.smk"
 
 
 if config["imagenet"]["enabled"]:  # the ImageNet half, on the user's own copy (config/imagenet.yaml)
 
     include: "workflow/rules/imagenet.smk"
-include: "workflow/rules/figures.smk"
 
 
 rule all:

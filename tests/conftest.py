@@ -100,7 +100,8 @@ def snakemake(workdir: Path, *args: str, configfiles: tuple[Path, ...] = (), che
 
 
 def job_counts(snakemake_output: str) -> dict[str, int]:
-    """The 'Job stats' table of a (dry) run as {rule: count}; empty when there is nothing to do."""
+    """The 'Job stats' table of a (dry) run as {rule: count}, without its total; empty when there is
+    nothing to do."""
     if "Job stats:" not in snakemake_output:
         return {}
     counts = {}
@@ -109,6 +110,7 @@ def job_counts(snakemake_output: str) -> dict[str, int]:
         if len(parts) != 2 or not parts[1].isdigit():
             break
         counts[parts[0]] = int(parts[1])
+    counts.pop("total", None)
     return counts
 
 

@@ -351,7 +351,7 @@ def test_chromium_takes_the_study_from_file_and_the_scorer_reads_it_back(study, 
                  "--responses", *map(str, downloads), "--attention-threshold", "0.8",
                  "--model-predictions", *(f"tiny-s0:{c}={predictions}" for c in CONDITIONS),
                  "--table", str(out["table.csv"]), "--participants", str(out["participants.csv"]),
-                 "--figure", str(out["figure.png"]), str(out["figure.pdf"])]) == 0
+                 "--figure", str(tmp_path / "figure")]) == 0
 
     people = pd.read_csv(out["participants.csv"]).set_index("participant_id")
     assert people.loc["careful", "included"] and people.loc["careful", "attention_accuracy"] == 1.0
@@ -416,7 +416,7 @@ def test_bad_response_files_name_the_file_and_line(study, cifar_npz, tmp_path, d
     damage(rows, key)
     path = write_responses(tmp_path / "bad.csv", rows)
     classes = load_split(cifar_npz, "test", 10).classes
-    outputs = [str(tmp_path / n) for n in ("t.csv", "p.csv", "f.png", "f.pdf")]
+    outputs = [str(tmp_path / n) for n in ("t.csv", "p.csv", "f")]
     with pytest.raises(ResponseError, match=re.escape(str(path)) + message):
         score(str(study["key"]), [str(path)], classes, 0.8, [], *outputs)
 
@@ -424,7 +424,7 @@ def test_bad_response_files_name_the_file_and_line(study, cifar_npz, tmp_path, d
 def test_missing_columns_empty_files_and_duplicates_across_files_are_errors(study, cifar_npz, tmp_path):
     key = read_key(study["key"])
     classes = load_split(cifar_npz, "test", 10).classes
-    outputs = [str(tmp_path / n) for n in ("t.csv", "p.csv", "f.png", "f.pdf")]
+    outputs = [str(tmp_path / n) for n in ("t.csv", "p.csv", "f")]
     no_response = write_responses(tmp_path / "a.csv", [r[:4] for r in good_rows(key)], header=("study", "participant_id", "trial", "image_id"))
     with pytest.raises(ResponseError, match=r"a\.csv:1: header lacks the column\(s\) response"):
         score(str(study["key"]), [str(no_response)], classes, 0.8, [], *outputs)
@@ -440,7 +440,7 @@ def test_missing_columns_empty_files_and_duplicates_across_files_are_errors(stud
 def test_all_participants_excluded_and_mismatched_predictions_are_errors(study, cifar_npz, tmp_path):
     key = read_key(study["key"])
     classes = load_split(cifar_npz, "test", 10).classes
-    outputs = [str(tmp_path / n) for n in ("t.csv", "p.csv", "f.png", "f.pdf")]
+    outputs = [str(tmp_path / n) for n in ("t.csv", "p.csv", "f")]
     rows = good_rows(key)
     for row, cls in zip(rows, key["label"]):
         row[4] = classes[(cls + 1) % 10]

@@ -122,6 +122,16 @@ def test_backselect_matches_reference_non_square(device, batch_size):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_backselect_contiguous_layout(device):
+    model = small_model(2, 4, 5)
+    images = torch.randn(2, 3, 4, 5, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    result = BackSelect(model.to(device), batch_size=7, dtype=torch.float64, progress=False,
+                        memory_format=torch.contiguous_format).attribute(images.to(device))
+    expected, _ = check_against_reference(model, images, batch_size=7, device=device)
+    np.testing.assert_array_equal(result.order, expected.order)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_backselect_exact_ties_go_to_the_lowest_index(device):
     model = small_model(3, 6, 6, ignore_fraction=0.4)
     images = torch.randn(3, 3, 6, 6, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
@@ -267,3 +277,10 @@ def test_save_and_load_compactly(tmp_path, side, dtype):
     np.testing.assert_array_equal(back.index, [17, 5])
     np.testing.assert_allclose(back.values, r.values, rtol=1e-7)
     assert (back.height, back.width, back.pixels_per_step, back.meta) == (side, side, 10, {"method": "x"})
+
+
+def test_iteration_does_not_leak_inference_mode():
+    engine = BackSelect(small_model(14, 3, 3), batch_size=4, dtype=torch.float64, progress=False)
+    images = torch.randn(2, 3, 3, 3, dtype=torch.float64)
+    for _ in engine.attribute_iter(images):
+        assert not torch.is_inference_mode_enabled()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import yaml
@@ -89,6 +90,11 @@ def _check_remote(root: Path, remote: str | None) -> None:
                         "(see README, 'Sharing results with DVC')")
 
 
+def _reason(status: str) -> str:
+    """Why Snakemake would rebuild a file; "ok" with a rebuild pending means an input is stale."""
+    return "an input is out of date" if status == "ok" else status
+
+
 def _folder_of(path: str) -> str | None:
     """The publishable folder a workflow file lives in: data/ or a folder of one of the RESULT_ROOTS."""
     parts = Path(path).parts
@@ -128,7 +134,7 @@ def publish(root: Path, snakemake_args: list[str], remote: str | None = None) ->
                     pending.append(folder)
     folders = sorted(folders)
     files = {folder: _files_under(root, folder) for folder in folders}
-    stale = [f"{f} ({outputs[f][0]})" for fs in files.values() for f in fs
+    stale = [f"{f} ({_reason(outputs[f][0])})" for fs in files.values() for f in fs
              if f in outputs and outputs[f][1] != "no update"]
     if stale:
         raise DataError("Snakemake would rebuild these files, so they are not published: "
@@ -153,8 +159,8 @@ def publish(root: Path, snakemake_args: list[str], remote: str | None = None) ->
 
 def pull(root: Path, snakemake_args: list[str], remote: str | None = None) -> dict[str, tuple[str, str]]:
     """Pull the published artifacts and leave Snakemake's view consistent; returns the pulled outputs' summary."""
-    dvc_files = [p for p in [_dvc_file(root, DATA_DIR), *(f for r in RESULT_ROOTS for f in sorted((root / r).glob("*.dvc")))]
-                 if p.exists()]
+    candidates = [_dvc_file(root, DATA_DIR), *(f for r in RESULT_ROOTS for f in sorted((root / r).glob("*.dvc")))]
+    dvc_files = [p for p in candidates if p.exists()]
     if not dvc_files:
         raise DataError("no data.dvc or results/*.dvc here: nothing was published in this commit")
     _run(_dvc("pull", *(["--remote", remote] if remote else []), *map(str, dvc_files)), root)
@@ -181,12 +187,8 @@ def pull(root: Path, snakemake_args: list[str], remote: str | None = None) -> di
     print(f"Pulled {len(pulled)} files; {len(targets) - len(stale)} of {len(targets)} workflow outputs "
           "among them are up to date.")
     for name, (status, _) in sorted(stale.items()):
-        print(f"  will rebuild {name}: {status}")
+        print(f"  will rebuild {name}: {_reason(status)}")
     return summary
-
-
-def _split_args(args: list[str]) -> list[str]:
-    return args[1:] if args[:1] == ["--"] else args
 
 
 def add_commands(subparsers) -> None:
@@ -200,4 +202,10 @@ def add_commands(subparsers) -> None:
         p.add_argument("--remote", help="DVC remote (default: the project's default remote)")
         p.add_argument("snakemake_args", nargs=argparse.REMAINDER,
                        help="after --: the workflow's snakemake arguments, e.g. -- --configfile config/quick.yaml")
-        p.set_defaults(handler=lambda a, func=func: func(Path.cwd(), _split_args(a.snakemake_args), a.remote) and 0)
+        p.set_defaults(handler=partial(_handle, func))
+
+
+def _handle(func, args) -> int:
+    snakemake_args = args.snakemake_args[1:] if args.snakemake_args[:1] == ["--"] else args.snakemake_args
+    func(Path.cwd(), snakemake_args, args.remote)
+    return 0

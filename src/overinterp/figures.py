@@ -6,10 +6,8 @@ Tables for the HTML report are rendered here too (the report shows HTML inline, 
 """
 from __future__ import annotations
 
-import argparse
 import html
 import logging
-from pathlib import Path
 
 import matplotlib
 
@@ -19,9 +17,12 @@ logging.getLogger("fontTools").setLevel(logging.WARNING)  # PDF font subsetting 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 from .analysis import CONDITIONS, markdown_table  # noqa: E402
+from .sis import BackSelectResult, sis_mask  # noqa: E402
 from .utils import atomic_path  # noqa: E402
 
 # Okabe & Ito (2008): distinguishable with every common colour-vision deficiency, and in greyscale by
@@ -50,17 +51,14 @@ PNG_DPI = 200
 WIDTH = 7.0  # inches: a two-column page; readable printed and on screen at PNG_DPI
 
 
-def save_figure(fig, prefix) -> list[Path]:
-    """Write ``prefix``.png and ``prefix``.pdf atomically and close the figure."""
-    paths = []
+def save_figure(fig: Figure, prefix) -> Figure:
+    """Write ``prefix``.png and ``prefix``.pdf atomically; returns the figure, released from pyplot."""
     for ext in ("png", "pdf"):
-        path = Path(f"{prefix}.{ext}")
-        with atomic_path(path) as tmp:
+        with atomic_path(f"{prefix}.{ext}") as tmp:
             # No creation date: the same results give byte-identical PDFs.
             fig.savefig(tmp, format=ext, dpi=PNG_DPI, metadata={"CreationDate": None} if ext == "pdf" else None)
-        paths.append(path)
     plt.close(fig)
-    return paths
+    return fig
 
 
 def _empty_note(ax, text: str) -> None:
@@ -82,7 +80,7 @@ def _percent_axis(ax, axis: str = "y") -> None:
 # Training curves
 
 
-def training_curves(entries: list[tuple[str, pd.DataFrame]], prefix, title: str | None = None) -> list[Path]:
+def training_curves(entries: list[tuple[str, pd.DataFrame]], prefix, title: str | None = None) -> Figure:
     """Loss and accuracy per epoch; ``entries`` are (group, metrics) pairs, and the replicates of one group
     share a colour and one legend entry. Train accuracy dashed, test accuracy solid."""
     groups = list(dict.fromkeys(group for group, _ in entries))
@@ -101,7 +99,7 @@ def training_curves(entries: list[tuple[str, pd.DataFrame]], prefix, title: str 
         handles = [plt.Line2D([], [], color=CYCLE[i % len(CYCLE)], lw=1.4, label=g) for i, g in enumerate(groups)]
         handles += [plt.Line2D([], [], color="#555555", lw=1.4, label="test"),
                     plt.Line2D([], [], color="#555555", lw=1.0, ls="--", label="train")]
-        acc_ax.legend(handles=handles, loc="lower right", frameon=False)
+        fig.legend(handles=handles, loc="outside right center", frameon=False)
         if title:
             fig.suptitle(title, fontsize=9)
         return save_figure(fig, prefix)
@@ -144,7 +142,7 @@ def _bars(ax, table: pd.DataFrame, value: str, error: str | None, conditions, ar
                             rotation=90 if len(conditions) > 4 else 0)
 
 
-def table1_figure(table: pd.DataFrame, prefix, fraction: float, chance: float = 0.1) -> list[Path]:
+def table1_figure(table: pd.DataFrame, prefix, fraction: float, chance: float = 0.1) -> Figure:
     """Table 1 as grouped bars: (a) test accuracy (mean ± std over replicates) of every condition per
     architecture; (b) how often each retrained model agrees with the model whose backward selection made
     its subsets, on all test images and on the images that model misclassifies."""
@@ -185,7 +183,7 @@ def table1_figure(table: pd.DataFrame, prefix, fraction: float, chance: float = 
         return save_figure(fig, prefix)
 
 
-def fraction_sweep_figure(sweep: pd.DataFrame, table: pd.DataFrame | None, prefix, chance: float = 0.1) -> list[Path]:
+def fraction_sweep_figure(sweep: pd.DataFrame, table: pd.DataFrame | None, prefix, chance: float = 0.1) -> Figure:
     """Test accuracy against the fraction of pixels kept, one panel per architecture: backward selection
     against random subsets, retrained (solid) and the original model (dashed); full-image accuracy dotted."""
     architectures = list(dict.fromkeys(sweep["architecture"]))
@@ -230,8 +228,8 @@ def fraction_sweep_figure(sweep: pd.DataFrame, table: pd.DataFrame | None, prefi
 # Backward selection: confidence along the removals, SIS sizes, SIS examples
 
 
-def confidence_curves(entries: list[tuple[str, "BackSelectResult"]], prefix, tau: float,
-                      band: tuple[float, float] = (0.1, 0.9), zoom: float = 0.9) -> list[Path]:
+def confidence_curves(entries: list[tuple[str, BackSelectResult]], prefix, tau: float,
+                      band: tuple[float, float] = (0.1, 0.9), zoom: float = 0.9) -> Figure:
     """Per model (columns), f (the probability of the full-image prediction) against the fraction of
     pixels removed by backward selection: mean, median and the ``band`` quantiles over the images; the
     lower row zooms into the removals after ``zoom``, where f falls."""
@@ -261,7 +259,7 @@ def confidence_curves(entries: list[tuple[str, "BackSelectResult"]], prefix, tau
         return save_figure(fig, prefix)
 
 
-def sis_size_figure(frames: dict[str, pd.DataFrame], summary: pd.DataFrame, prefix, tau: float) -> list[Path]:
+def sis_size_figure(frames: dict[str, pd.DataFrame], summary: pd.DataFrame, prefix, tau: float) -> Figure:
     """Per model, histograms of SIS size (fraction of the image) of correctly and incorrectly classified
     test images, with medians and the two-sided Mann-Whitney U test from ``summary``."""
     n = max(len(frames), 1)
@@ -303,7 +301,49 @@ def sis_size_figure(frames: dict[str, pd.DataFrame], summary: pd.DataFrame, pref
         return save_figure(fig, prefix)
 
 
-def pick_examples(result, labels: np.ndarray, tau: float, per_class: int, num_classes: int) -> list[list[int]]:
+def mitigation_figure(frames: dict[str, pd.DataFrame], table: pd.DataFrame, prefix, tau: float) -> Figure:
+    """Single models against input-dropout models and ensembles: (a) SIS size distributions at tau,
+    (b) each model's accuracy and mean confidence on its own backward-selection subsets."""
+    models = list(frames)
+    kinds = table.set_index("model")["kind"].reindex(models).fillna("single").tolist()
+    colors = {"single": OKABE_ITO["blue"], "input_dropout": OKABE_ITO["orange"], "ensemble": OKABE_ITO["green"]}
+    with plt.rc_context(STYLE):
+        fig, (ax_sizes, ax_own) = plt.subplots(1, 2, figsize=(WIDTH, 0.45 * len(models) + 1.6), layout="constrained")
+        data = [frames[m]["sis_fraction"].dropna().to_numpy(float) for m in models]
+        positions = np.arange(len(models))[::-1]
+        if any(len(d) for d in data):
+            boxes = ax_sizes.boxplot([d if len(d) else [np.nan] for d in data], positions=positions, vert=False,
+                                     widths=0.6, patch_artist=True, showfliers=False,
+                                     medianprops={"color": "black"})
+            for patch, kind in zip(boxes["boxes"], kinds):
+                patch.set_facecolor(colors.get(kind, OKABE_ITO["purple"]))
+                patch.set_alpha(0.7)
+            ax_sizes.set_yticks(positions, [f"{m} (n = {len(d)})" for m, d in zip(models, data)])
+            ax_sizes.set_xlabel(f"SIS size at τ = {tau:g} (fraction of the image)")
+            _percent_axis(ax_sizes, "x")
+        else:
+            _empty_note(ax_sizes, f"no test image reaches\nfull-image confidence τ = {tau:g}")
+        ax_sizes.set_title("(a) SIS size: larger = less overinterpretation")
+        own = table.set_index("model").reindex(models)
+        height = 0.38
+        ax_own.barh(positions + height / 2, own["own_bs_accuracy"], height, color=OKABE_ITO["sky"],
+                    label="accuracy")
+        ax_own.barh(positions - height / 2, own["own_bs_confidence"], height, color=OKABE_ITO["vermillion"],
+                    hatch="///", label="mean confidence")
+        ax_own.set_yticks(positions, models)
+        ax_own.set_xlim(0, 1)
+        _percent_axis(ax_own, "x")
+        fraction = own["own_bs_fraction"].dropna()
+        kept = f"{100 * fraction.iloc[0]:g}%" if len(fraction) else "the"
+        ax_own.set_title(f"(b) on its own backward-selection {kept} subsets")
+        ax_own.legend(loc="lower right", frameon=False)
+        handles = [Patch(color=c, alpha=0.7, label=k.replace("_", " ")) for k, c in colors.items() if k in kinds]
+        fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), frameon=False)
+        return save_figure(fig, prefix)
+
+
+def pick_examples(result: BackSelectResult, labels: np.ndarray, tau: float, per_class: int,
+                  num_classes: int) -> list[list[int]]:
     """Positions in ``result`` of the first ``per_class`` images of each true class (dataset order) whose
     full-image confidence reaches ``tau``, so that every shown image has an SIS."""
     confident = result.full_confidence >= tau
@@ -311,30 +351,38 @@ def pick_examples(result, labels: np.ndarray, tau: float, per_class: int, num_cl
     return [[int(i) for i in order if labels[i] == c and confident[i]][:per_class] for c in range(num_classes)]
 
 
-def sis_examples(images: np.ndarray, labels: np.ndarray, result, masks: list[np.ndarray | None],
-                 sis_confidence: np.ndarray, picks: list[list[int]], classes: list[str], normalizer, prefix,
-                 tau: float, title: str) -> list[Path]:
+def sis_examples(images: np.ndarray, labels: np.ndarray, result: BackSelectResult,
+                 masks: list[np.ndarray | None], sis_confidence: np.ndarray, picks: list[list[int]],
+                 classes: list[str], normalizer, prefix, tau: float, title: str) -> Figure:
     """The paper's Figure 1 for one model: per class (rows) and example, the original image with the
     model's prediction and confidence, its SIS at ``tau`` with every other pixel in the mean colour, and
     the SIS mask. ``images`` are uint8 NCHW rows aligned with ``result``; ``sis_confidence`` is the
     model's f on each SIS-only image."""
-    import torch
-
-    per_class = max(max((len(p) for p in picks), default=1), 1)
+    if not any(picks):  # e.g. an undertrained model: say so on a small sheet instead of ten empty rows
+        with plt.rc_context(STYLE):
+            fig, ax = plt.subplots(figsize=(WIDTH, 1.2), layout="constrained")
+            _empty_note(ax, f"No test image reaches full-image confidence τ = {tau:g}: the highest of the "
+                            f"{len(result)} images is {result.full_confidence.max(initial=0):.3f}.")
+            fig.suptitle(title, fontsize=9)
+            return save_figure(fig, prefix)
+    per_class = max(len(p) for p in picks)
     height, width = result.height, result.width
     # Three panels per example, a narrow empty column between examples.
     ratios = ([1, 1, 1, 0.3] * per_class)[:-1]
     with plt.rc_context({**STYLE, "axes.grid": False}):
-        fig, grid = plt.subplots(len(classes), len(ratios), figsize=(0.95 * sum(ratios) + 0.7, 1.0 * len(classes) + 0.4),
-                                 width_ratios=ratios, squeeze=False, layout="constrained")
+        size = (0.95 * sum(ratios) + 0.7, 1.0 * len(classes) + 0.4)
+        fig, grid = plt.subplots(len(classes), len(ratios), figsize=size, width_ratios=ratios, squeeze=False,
+                                 layout="constrained")
         for ax in grid.flat:
             ax.set_axis_off()
         axes = np.delete(grid, np.arange(3, len(ratios), 4), axis=1)  # without the spacers
         for c, row in enumerate(axes):
             row[0].text(-0.12, 0.5, classes[c], transform=row[0].transAxes, ha="right", va="center", fontsize=8)
             if not picks[c]:
-                note = row[0].text(0, 0.5, f"no {classes[c]} test image reaches full-image confidence τ = {tau:g}",
-                                   transform=row[0].transAxes, ha="left", va="center", fontsize=6.5, color="#555555")
+                best = result.full_confidence[labels == c].max(initial=0)
+                note = row[0].text(0, 0.5, f"no {classes[c]} test image reaches full-image confidence τ = {tau:g} "
+                                   f"(highest: {best:.3f})", transform=row[0].transAxes, ha="left", va="center",
+                                   fontsize=6.5, color="#555555")
                 note.set_in_layout(False)  # may run across the empty panels
                 continue
             for k, i in enumerate(picks[c]):
@@ -432,6 +480,11 @@ def add_commands(subparsers) -> None:
     s.add_argument("--std", type=float, nargs=3, default=None)
     s.add_argument("--baseline", type=float, default=0.0)
     s.add_argument("--device", default="auto")
+    s = add("mitigation", run_mitigation, "ensembles and input dropout against single models")
+    s.add_argument("--entry", nargs=2, action="append", required=True, metavar=("MODEL", "CSV"),
+                   help="a model name and its per-image SIS size table")
+    s.add_argument("--table", required=True, help="mitigation.csv")
+    s.add_argument("--tau", type=float, required=True)
     t = sub.add_parser("table-html", help="a result table (.csv) as an HTML page for the report")
     t.add_argument("--table", required=True)
     t.add_argument("--title", required=True)
@@ -456,8 +509,6 @@ def run_fraction_sweep(args) -> int:
 
 
 def run_confidence_curves(args) -> int:
-    from .sis import BackSelectResult
-
     confidence_curves([(model, BackSelectResult.load(path)) for model, path in args.entry], args.out, args.tau)
     return 0
 
@@ -468,13 +519,16 @@ def run_sis_sizes(args) -> int:
     return 0
 
 
-def run_sis_examples(args) -> int:
-    import torch
+def run_mitigation(args) -> int:
+    frames = {model: pd.read_csv(path) for model, path in args.entry}
+    mitigation_figure(frames, pd.read_csv(args.table), args.out, args.tau)
+    return 0
 
+
+def run_sis_examples(args) -> int:
     from .data import load_split
     from .evaluate import predict
     from .models import load_model
-    from .sis import BackSelectResult, sis_mask
     from .train import normalizer_from_args
     from .utils import resolve_device
 

@@ -44,9 +44,7 @@ CONDITIONS = ("bs", "random", "full")
 CONDITION_LABELS = {"bs": "Backward-selection\nsubset", "random": "Random\nsubset", "full": "Full image\n(attention check)"}
 KEY_COLUMNS = ("study", "image_id", "condition", "keep_fraction", "label", "class_name", "source_index", "masks")
 REQUIRED_RESPONSE_COLUMNS = ("participant_id", "image_id", "response")
-# Okabe-Ito colours: distinguishable with every common colour-vision deficiency.
-OKABE_ITO = ("#E69F00", "#56B4E9", "#009E73", "#0072B2", "#D55E00", "#CC79A7", "#F0E442", "#000000")
-HUMAN_COLOUR = "#8C8C8C"
+HUMAN_COLOUR = "#999999"  # grey and hatched; the models take the project's Okabe-Ito cycle
 
 
 # ----------------------------------------------------------------------------------------------- build
@@ -351,47 +349,40 @@ def human_accuracy(answers: pd.DataFrame, key: pd.DataFrame) -> list[dict]:
     return rows
 
 
-def plot(table: pd.DataFrame, num_classes: int, path_png: str, path_pdf: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot(table: pd.DataFrame, num_classes: int, prefix: str) -> None:
+    """Grouped bars: accuracy per condition for the people and each model, Wilson 95% intervals."""
+    from .figures import CYCLE, STYLE, WIDTH, _percent_axis, plt, save_figure
 
     conditions = [c for c in CONDITIONS if c in set(table["condition"])]
     raters = list(dict.fromkeys(table["rater"]))  # humans first, then models in the given order
-    colours = {r: HUMAN_COLOUR if r == "humans" else OKABE_ITO[(i - 1) % len(OKABE_ITO)] for i, r in enumerate(raters)}
+    colours = {r: HUMAN_COLOUR if r == "humans" else CYCLE[(i - 1) % len(CYCLE)] for i, r in enumerate(raters)}
     width = 0.8 / len(raters)
-    fig, ax = plt.subplots(figsize=(max(6.0, 2.5 + 0.45 * len(raters) * len(conditions)), 3.8))
-    for i, rater in enumerate(raters):
-        rows = table[table["rater"] == rater].set_index("condition")
-        present = [c for c in conditions if c in rows.index]
-        x = np.array([conditions.index(c) for c in present]) - 0.4 + width * (i + 0.5)
-        acc = rows.loc[present, "accuracy"].to_numpy(float)
-        err = np.vstack([acc - rows.loc[present, "ci_low"].to_numpy(float), rows.loc[present, "ci_high"].to_numpy(float) - acc])
-        ax.bar(x, acc, width, color=colours[rater], edgecolor="black", linewidth=0.5,
-               hatch="//" if rater == "humans" else None, label=rater)
-        ax.errorbar(x, acc, yerr=err, fmt="none", ecolor="black", elinewidth=1, capsize=2)
-    ax.axhline(1 / num_classes, color="black", linestyle=":", linewidth=1, label="chance")
-    fractions = table.groupby("condition")["keep_fraction"].first()
-    ax.set_xticks(range(len(conditions)), [
-        CONDITION_LABELS[c] + ("" if c == "full" else f"\n({fractions[c]:.1%} of pixels)") for c in conditions])
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel("accuracy (95% Wilson CI)")
-    humans = table[table["rater"] == "humans"]["participants"]
-    ax.set_title(f"Humans (n = {int(humans.max())} after attention checks) and models\n"
-                 "on the same study images", fontsize="medium")
-    ax.legend(fontsize="small", frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    ax.spines[["top", "right"]].set_visible(False)
-    fig.tight_layout()
-    for path in (path_png, path_pdf):
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format=Path(path).suffix[1:], dpi=200)
-    plt.close(fig)
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(WIDTH, 2.8), layout="constrained")
+        for i, rater in enumerate(raters):
+            rows = table[table["rater"] == rater].set_index("condition")
+            present = [c for c in conditions if c in rows.index]
+            x = np.array([conditions.index(c) for c in present]) - 0.4 + width * (i + 0.5)
+            acc = rows.loc[present, "accuracy"].to_numpy(float)
+            err = np.vstack([acc - rows.loc[present, "ci_low"].to_numpy(float),
+                             rows.loc[present, "ci_high"].to_numpy(float) - acc])
+            ax.bar(x, acc, width, color=colours[rater], edgecolor="black", linewidth=0.4,
+                   hatch="///" if rater == "humans" else None, label=rater)
+            ax.errorbar(x, acc, yerr=err, fmt="none", ecolor="black", elinewidth=0.8, capsize=2)
+        ax.axhline(1 / num_classes, color="black", linestyle=":", linewidth=0.8, label="chance")
+        fractions = table.groupby("condition")["keep_fraction"].first()
+        ax.set_xticks(range(len(conditions)), [
+            CONDITION_LABELS[c] + ("" if c == "full" else f"\n({fractions[c]:.1%} of pixels)") for c in conditions])
+        ax.set(ylim=(0, 1.05), ylabel="accuracy (95% Wilson CI)")
+        _percent_axis(ax)
+        humans = table[table["rater"] == "humans"]["participants"]
+        ax.set_title(f"Humans (n = {int(humans.max())} after attention checks) and models on the same study images")
+        fig.legend(loc="outside right center", frameon=False)
+        save_figure(fig, prefix)
 
 
 def score(key_path: str, response_paths: list[str], classes: list[str], threshold: float,
-          model_predictions: list[str], table_path: str, participants_path: str, figure_png: str,
-          figure_pdf: str) -> pd.DataFrame:
+          model_predictions: list[str], table_path: str, participants_path: str, figure_prefix: str) -> pd.DataFrame:
     key = read_key(key_path)
     answers = read_responses(response_paths, key, classes)
     people = participant_table(answers, key, threshold)
@@ -410,7 +401,7 @@ def score(key_path: str, response_paths: list[str], classes: list[str], threshol
     table = pd.DataFrame(rows).astype({"participants": "Int64"})
     table.insert(3, "keep_fraction", table["condition"].map(key.groupby("condition")["keep_fraction"].mean()))
     save_dataframe(table_path, table)
-    plot(table, len(classes), figure_png, figure_pdf)
+    plot(table, len(classes), figure_prefix)
     for _, r in table.iterrows():
         log.info("%-24s %-7s accuracy %.3f [%.3f, %.3f] (%d answers)", r["rater"], r["condition"], r["accuracy"],
                  r["ci_low"], r["ci_high"], r["answers"])
@@ -452,7 +443,7 @@ def add_commands(subparsers) -> None:
                    help="per-image predictions of a model on the condition's images (condition: bs, random, full)")
     s.add_argument("--table", required=True, help="accuracy per rater and condition (.csv)")
     s.add_argument("--participants", required=True, help="attention checks and inclusion per participant (.csv)")
-    s.add_argument("--figure", required=True, nargs=2, metavar=("PNG", "PDF"))
+    s.add_argument("--figure", required=True, help="figure path without extension; PREFIX.png and PREFIX.pdf are written")
     s.set_defaults(handler=run_score)
 
 
@@ -482,5 +473,5 @@ def run_score(args: argparse.Namespace) -> int:
     with np.load(args.data, allow_pickle=False) as arrays:
         classes = [str(c) for c in arrays["classes"]]
     score(args.key, args.responses, classes, args.attention_threshold, args.model_predictions, args.table,
-          args.participants, *args.figure)
+          args.participants, args.figure)
     return 0

@@ -14,7 +14,6 @@ that frame; masked pixels take the baseline (0) after ImageNet normalisation, i.
 from __future__ import annotations
 
 import functools
-import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
@@ -26,14 +25,14 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torch import nn
+from torchvision.transforms import RandomResizedCrop
 from tqdm import tqdm
 
 from .data import DataError, Normalizer
 from .efficientnet_lite import IMAGENET_MEAN, IMAGENET_STD, EfficientNetLite0
 from .subsets import unpack_keep
+from .train import model_inputs
 from .utils import load_npz, save_dataframe
-
-log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val")
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
@@ -160,7 +159,6 @@ def load_frame(path: Path, resize: int, crop: int) -> torch.Tensor:
     """uint8 (3, crop, crop): the evaluation frame (shorter side -> ``resize``, centre crop ``crop``)."""
     try:
         with Image.open(path) as image:
-            image.draft("RGB", (resize, resize))  # JPEG DCT scaling when the file is much larger: faster decode
             pixels = TF.pil_to_tensor(image.convert("RGB"))
     except Exception as err:
         raise DataError(f"Cannot read image {path} ({type(err).__name__}: {err}); replace or remove it and "
@@ -191,51 +189,32 @@ class ImageNetDataset(torch.utils.data.Dataset):
 
     def __init__(self, split: IndexedSplit, resize: int, crop: int, keep: tuple[np.ndarray, int, int] | None = None,
                  positions_only: bool = False, augment_min_scale: float | None = None, flip: bool = False,
-                 baseline: float = 0.0, uint8: bool = False):
+                 baseline: float = 0.0):
         if positions_only and keep is None:
             raise ValueError("the positions-only control needs keep-masks")
         if keep is not None and (keep[1], keep[2]) != (crop, crop):
             raise ValueError(f"keep-masks are {keep[1]}x{keep[2]} but the model's frame is {crop}x{crop}")
         self.split, self.resize, self.crop, self.keep = split, resize, crop, keep
         self.positions_only, self.min_scale, self.flip = positions_only, augment_min_scale, flip
-        self.normalizer, self.uint8 = normalizer(baseline), uint8
+        self.normalizer = normalizer(baseline)
 
     def __len__(self) -> int:
         return len(self.split)
 
     def __getitem__(self, i: int):
-        from .train import model_inputs
-
         frame = load_frame(self.split.root / self.split.paths[i], self.resize, self.crop)
         label = int(self.split.labels[i])
-        if self.uint8:
-            return frame, label, i
         keep = None
         if self.keep is not None:
             bits, height, width = self.keep
             keep = torch.from_numpy(unpack_keep(bits[i:i + 1], height, width)).unsqueeze(1)
         x = model_inputs(self.normalizer, frame[None], keep, self.positions_only)[0]
         if self.min_scale is not None:
-            x = TF.resized_crop(x, *_random_crop_box(self.crop, self.min_scale), [self.crop, self.crop],
-                                antialias=True)
+            box = RandomResizedCrop.get_params(x, scale=(self.min_scale, 1.0), ratio=(3 / 4, 4 / 3))
+            x = TF.resized_crop(x, *box, [self.crop, self.crop], antialias=True)
         if self.flip and torch.rand(()) < 0.5:
             x = x.flip(-1)
         return x, label, i
-
-
-def _random_crop_box(size: int, min_scale: float, ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
-    """(top, left, height, width) of a random-resized crop of a ``size`` square (Inception-style sampling)."""
-    area = size * size
-    log_ratio = torch.log(torch.tensor(ratio))
-    for _ in range(10):
-        target = area * torch.empty(()).uniform_(min_scale, 1.0).item()
-        aspect = torch.exp(torch.empty(()).uniform_(log_ratio[0], log_ratio[1])).item()
-        w, h = round((target * aspect) ** 0.5), round((target / aspect) ** 0.5)
-        if 0 < w <= size and 0 < h <= size:
-            top = int(torch.randint(0, size - h + 1, ()))
-            left = int(torch.randint(0, size - w + 1, ()))
-            return top, left, h, w
-    return 0, 0, size, size
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -90,7 +90,7 @@ def accuracy_figure(table: pd.DataFrame, out: str | Path) -> None:
     ax.set_xticks(np.arange(len(archs)), archs)
     ax.set_ylabel("ImageNet val top-1 (%)")
     ax.set_ylim(0, 100)
-    ax.legend(title="trained and tested on", fontsize=8, frameon=False)
+    ax.legend(title="trained and tested on", fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1, 1))
     ax.set_title("Models trained on pixel subsets")
     _save_figure(fig, Path(out))
 
@@ -104,10 +104,10 @@ def confidence_figure(shards_by_arch: dict[str, list], out: str | Path) -> None:
 
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
     for colour, (arch, paths) in zip(["#0072B2", "#D55E00", "#009E73"], shards_by_arch.items()):
-        arrays = load_shards(paths, keys=("step_values",))
-        values = arrays["step_values"]
+        arrays = load_shards(paths, keys=("full_confidence", "step_values"))
+        values = np.column_stack([arrays["full_confidence"], arrays["step_values"]])
         pixels, k = arrays["height"] * arrays["width"], arrays["pixels_per_step"]
-        removed = np.minimum((np.arange(values.shape[1]) + 1) * k, pixels) / pixels
+        removed = np.minimum(np.arange(values.shape[1]) * k, pixels) / pixels
         q1, median, q3 = np.quantile(values, [0.25, 0.5, 0.75], axis=0)
         ax.plot(removed, median, color=colour, label=arch)
         ax.fill_between(removed, q1, q3, color=colour, alpha=0.2, linewidth=0)

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from .imagenet import ImageNetDataset, IndexedSplit
 from .sis import GradientBackSelect, kept_count
-from .subsets import pack_keep
+from .subsets import pack_keep, random_keep
 from .utils import load_npz, save_npz
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ def run_sis_shard(model: torch.nn.Module, split: IndexedSplit, resize: int, crop
               disable=not progress) as bar:
         for x, labels, items in loader:
             result = engine.attribute(x)
-            rows = positions[start:][items.numpy()]
+            rows = items.numpy()  # positions in the split
             done["index"].append(split.index[rows])
             done["label"].append(labels.numpy())
             done["target"].append(result.target)
@@ -101,7 +101,10 @@ def load_shards(paths: list[str | Path], keys=SHARD_KEYS) -> dict[str, np.ndarra
     """The shards of one split, concatenated in order (only ``keys``, so the large maps can stay on disk)."""
     if not paths:
         raise ValueError("no SIS shard files given")
-    parts = [load_npz(p) for p in paths]
+    parts = []
+    for path in paths:
+        with np.load(path, allow_pickle=False) as z:  # reads only the arrays asked for
+            parts.append({key: z[key] for key in (*keys, "height", "width", "pixels_per_step", "meta")})
     shape = {(int(a["height"]), int(a["width"]), int(a["pixels_per_step"])) for a in parts}
     if len(shape) != 1:
         raise ValueError(f"SIS shards {paths} disagree on image size or pixels per step: {sorted(shape)}")
@@ -128,13 +131,12 @@ def backselect_keep(removal_step: np.ndarray, pixels_per_step: int, fraction: fl
     return removal_step >= first
 
 
-def random_keep(n: int, num_pixels: int, count: int, seed: int) -> np.ndarray:
-    """(n, num_pixels) bool: ``count`` uniformly random pixels per image, from ``seed`` (fixed per dataset)."""
-    rng = np.random.default_rng(seed)
-    keep = np.zeros((n, num_pixels), dtype=bool)
-    for row in keep:
-        row[rng.choice(num_pixels, size=count, replace=False)] = True
-    return keep
+def random_keep_bits(n: int, num_pixels: int, count: int, seed: int, chunk: int = 256) -> np.ndarray:
+    """Packed keep-masks of ``count`` uniformly random pixels per image, fixed by ``seed`` (chunk c draws from
+    the seed sequence (seed, c)); packed chunk by chunk, as 1.28M unpacked masks would not fit in memory."""
+    parts = [pack_keep(random_keep(min(chunk, n - start), num_pixels, count, [seed, start // chunk]))
+             for start in range(0, n, chunk)]
+    return np.concatenate(parts) if parts else np.empty((0, (num_pixels + 7) // 8), dtype=np.uint8)
 
 
 def backselect_subsets(shards_by_split: dict[str, list], fraction: float, out: str | Path) -> dict:
@@ -161,7 +163,7 @@ def random_subsets(index_by_split: dict[str, np.ndarray], size: int, count: int,
     arrays = {"height": np.int64(size), "width": np.int64(size)}
     for split, index in index_by_split.items():
         arrays[f"{split}_index"] = np.asarray(index, dtype=np.int64)
-        arrays[f"{split}_keep"] = pack_keep(random_keep(len(index), size * size, count, seeds[split]))
+        arrays[f"{split}_keep"] = random_keep_bits(len(index), size * size, count, seeds[split])
     save_npz(out, **arrays)
 
 

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from .evaluate import prediction_table
 from .imagenet import ImageNetDataset
 from .models import build_model
+from .utils import save_torch
 
 log = logging.getLogger(__name__)
 
@@ -152,8 +153,6 @@ def train_imagenet(arch: str, train: ImageNetDataset, recipe: ImageNetRecipe, se
         rows.append(row)
         bar.set_postfix(loss=f"{row['train_loss']:.3f}", val_top1=f"{row.get('val_top1', float('nan')):.3f}")
         if checkpoint_path:
-            from .utils import save_torch
-
             save_torch(checkpoint_path, {
                 "fingerprint": fingerprint, "epoch": epoch + 1, "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),

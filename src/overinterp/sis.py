@@ -216,13 +216,13 @@ def keep_last(result: BackSelectResult, n: int | None = None, fraction: float | 
 # Engines
 
 
-def _prepare_model(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    """The model in eval mode, channels_last, computing in ``dtype`` (a converted copy if it differs)."""
+def _prepare_model(model: torch.nn.Module, dtype: torch.dtype, memory_format) -> torch.nn.Module:
+    """The model in eval mode and ``memory_format``, computing in ``dtype`` (a converted copy if it differs)."""
     model.eval()
     floating = [t.dtype for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()]
     if any(d != dtype for d in floating):
         model = copy.deepcopy(model).to(dtype)
-    return model.to(memory_format=torch.channels_last)
+    return model.to(memory_format=memory_format)
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
@@ -232,8 +232,11 @@ def _model_device(model: torch.nn.Module) -> torch.device:
 
 
 class _Engine:
-    def __init__(self, model, baseline, batch_size, dtype, bf16, progress, defaults):
-        self.model = _prepare_model(model, dtype)
+    def __init__(self, model, baseline, batch_size, dtype, bf16, progress, defaults, memory_format):
+        if memory_format not in (torch.channels_last, torch.contiguous_format):
+            raise ValueError("memory_format must be torch.channels_last or torch.contiguous_format")
+        self.memory_format = memory_format
+        self.model = _prepare_model(model, dtype, memory_format)
         self.device = _model_device(self.model)
         self.dtype = dtype
         self.baseline = float(baseline)
@@ -251,7 +254,7 @@ class _Engine:
     def probabilities(self, x: torch.Tensor) -> torch.Tensor:
         """Softmax over the classes of the model's output on (N, C, H, W) ``x``, in the result dtype."""
         with self.autocast():
-            logits = self.model(x.contiguous(memory_format=torch.channels_last))
+            logits = self.model(x.contiguous(memory_format=self.memory_format))
         return logits.to(self.dtype).softmax(1)
 
     def check_inputs(self, images, target):
@@ -282,13 +285,16 @@ class BackSelect(_Engine):
     ``batch_size`` is the number of masked candidates per forward (default: 256 on a CPU, 8192 on CUDA).
     ``dtype`` is the compute dtype (use torch.float64 for exact comparisons; a converted copy of the model
     is used if its parameters differ). ``bf16=True`` runs the model under bfloat16 autocast on CUDA: much
-    faster, but approximate (near-ties may resolve differently from float32). The model is put in eval
-    mode.
+    faster, but approximate (near-ties may resolve differently from float32). Note that PyTorch's default
+    TF32 convolutions on CUDA are approximate too; ``overinterp sis`` turns them off unless asked.
+    ``memory_format`` is the layout of the model and of the candidate batches (channels_last is usually
+    fastest; some CPU set-ups run small nets faster contiguous). The model is put in eval mode.
     """
 
     def __init__(self, model: torch.nn.Module, baseline: float = 0.0, batch_size: int | None = None,
-                 dtype: torch.dtype = torch.float32, bf16: bool = False, progress: bool = True):
-        super().__init__(model, baseline, batch_size, dtype, bf16, progress, DEFAULT_BATCH_SIZE)
+                 dtype: torch.dtype = torch.float32, bf16: bool = False, progress: bool = True,
+                 memory_format=torch.channels_last):
+        super().__init__(model, baseline, batch_size, dtype, bf16, progress, DEFAULT_BATCH_SIZE, memory_format)
 
     def attribute_iter(self, images, target=None) -> Iterator[tuple[int, BackSelectResult]]:
         """Yield ``(i, result of image i)`` as images finish (roughly in input order)."""
@@ -298,7 +304,8 @@ class BackSelect(_Engine):
         if num_images == 0:
             return
         dev, dt = self.device, self.dtype
-        state = _SlotState(dev, dt, pixels, channels, capacity=max(2, 2 * self.batch_size // pixels + 2))
+        state = _SlotState(dev, dt, pixels, channels, capacity=max(2, 2 * self.batch_size // pixels + 2),
+                           pixel_major=self.memory_format == torch.channels_last)
         # Host-side schedule: the step each slot is at, how many of its candidates are already evaluated.
         step: dict[int, int] = {}
         cursor: dict[int, int] = {}
@@ -308,63 +315,66 @@ class BackSelect(_Engine):
         bar = tqdm(total=num_images * pixels * (pixels + 1) // 2, unit="eval", unit_scale=True,
                    desc="BackSelect", disable=not self.progress)
 
-        with torch.inference_mode():
-            while True:
-                # Fill one batch from the front of the queue; admit new images only once every active
-                # image's current step fits, so batches stay full until the last images finish.
-                slots, starts, counts, completed = [], [], [], []
-                room = self.batch_size
-                while room:
-                    if not queue:
-                        if next_image == num_images:
-                            break
-                        slot = state.admit(self, images[next_image], None if target is None else target[next_image])
-                        step[slot], cursor[slot], image_of[slot] = 0, 0, next_image
-                        queue.append(slot)
-                        next_image += 1
-                    slot = queue[0]
-                    left = pixels - step[slot] - cursor[slot]
-                    take = min(room, left)
-                    slots.append(slot), starts.append(cursor[slot]), counts.append(take)
-                    cursor[slot] += take
-                    room -= take
-                    if take == left:
-                        completed.append(queue.popleft())
-                if not slots:
-                    break
-                state.evaluate(self, slots, starts, counts, height, width)
-                bar.update(sum(counts))
-                state.complete(self, completed, [step[s] for s in completed])
-                for slot in completed:
-                    step[slot] += 1
-                    cursor[slot] = 0
-                    if step[slot] < pixels:
-                        queue.append(slot)
-                    else:
-                        yield image_of.pop(slot), state.release(slot, height, width)
+        while True:
+            # Fill one batch from the front of the queue; admit new images only once every active image's
+            # current step fits, so batches stay full until the last images finish.
+            parts, completed = [], []  # parts: (slot, first candidate rank, count)
+            room = self.batch_size
+            while room:
+                if not queue:
+                    if next_image == num_images:
+                        break
+                    slot = state.admit(self, images[next_image], None if target is None else target[next_image])
+                    step[slot], cursor[slot], image_of[slot] = 0, 0, next_image
+                    queue.append(slot)
+                    next_image += 1
+                slot = queue[0]
+                left = pixels - step[slot] - cursor[slot]
+                take = min(room, left)
+                parts.append((slot, cursor[slot], take))
+                cursor[slot] += take
+                room -= take
+                if take == left:
+                    completed.append(queue.popleft())
+            if not parts:
+                break
+            state.evaluate(self, parts, height, width)
+            bar.update(self.batch_size - room)
+            state.complete(self, completed, [step[s] for s in completed])
+            for slot in completed:
+                step[slot] += 1
+                cursor[slot] = 0
+                if step[slot] < pixels:
+                    queue.append(slot)
+                else:
+                    yield image_of.pop(slot), state.release(slot, height, width)
         bar.close()
 
 
 class _SlotState:
     """Per-image state of the active images, on the model's device, one row ("slot") per image.
 
-    ``current``: the image with its removed pixels masked, pixel-major (= channels_last);
+    ``current``: the image with its removed pixels masked, (pixels, channels) when ``pixel_major`` (so a
+    batch of them is channels_last), else (channels, pixels) (contiguous NCHW);
     ``remaining``: its still-present pixels in ascending order, padded with ``pixels``;
     ``scores``: f of every candidate of the current step by pixel, -inf elsewhere (argmax -> lowest index).
+    Each method runs in inference mode by itself, so the mode never stays on while the iterator is paused.
     """
 
-    def __init__(self, device, dtype, pixels, channels, capacity):
+    def __init__(self, device, dtype, pixels, channels, capacity, pixel_major):
         self.device, self.dtype, self.pixels, self.channels = device, dtype, pixels, channels
+        self.pixel_major = pixel_major
         self.capacity = 0
         self.free: list[int] = []
         self.tensors: dict[str, torch.Tensor] = {}
         self.grow(capacity)
 
+    @torch.inference_mode()
     def grow(self, capacity: int) -> None:
         p, c, dev, dt = self.pixels, self.channels, self.device, self.dtype
         new = capacity - self.capacity
         fresh = {
-            "current": torch.empty(new, p, c, dtype=dt, device=dev),
+            "current": torch.empty((new, p, c) if self.pixel_major else (new, c, p), dtype=dt, device=dev),
             "remaining": torch.empty(new, p, dtype=torch.long, device=dev),
             "scores": torch.full((new, p), -torch.inf, dtype=dt, device=dev),
             "order": torch.empty(new, p, dtype=torch.long, device=dev),
@@ -382,32 +392,45 @@ class _SlotState:
         # Pageable host memory is staged by the copy call itself, so non_blocking needs no host sync.
         return torch.from_numpy(np.asarray(values, dtype=np.int64)).to(self.device, non_blocking=True)
 
+    @torch.inference_mode()
     def admit(self, engine: BackSelect, image: torch.Tensor, target) -> int:
         if not self.free:
             self.grow(2 * self.capacity)
         slot = self.free.pop()
         t = self.tensors
         x = image.to(self.device, self.dtype)
-        t["current"][slot] = x.permute(1, 2, 0).reshape(self.pixels, self.channels)
+        flat = x.reshape(self.channels, self.pixels)
+        t["current"][slot] = flat.T if self.pixel_major else flat
         t["remaining"][slot] = torch.arange(self.pixels, device=self.device)
         probs = engine.probabilities(x.unsqueeze(0))[0]
-        cls = probs.argmax() if target is None else target.to(self.device)
-        t["target"][slot] = cls
-        t["full"][slot] = probs[cls]
+        cls = (probs.argmax() if target is None else target.to(self.device)).view(1)
+        t["target"][slot] = cls[0]
+        t["full"][slot] = probs.gather(0, cls)[0]  # gather, not probs[cls], which would read cls on the host
         return slot
 
-    def evaluate(self, engine: BackSelect, slots, starts, counts, height, width) -> None:
-        """f of every candidate in the batch (slot, rank range), written into ``scores``."""
+    def mask_pixels(self, images: torch.Tensor, rows: torch.Tensor, pixel: torch.Tensor, baseline: float) -> None:
+        if self.pixel_major:
+            images[rows, pixel] = baseline
+        else:
+            images[rows, :, pixel] = baseline
+
+    @torch.inference_mode()
+    def evaluate(self, engine: BackSelect, parts, height, width) -> None:
+        """f of every candidate in the batch, given as (slot, first rank, count), written into ``scores``."""
         t = self.tensors
-        rows = self.indices(np.repeat(slots, counts))
-        ranks = self.indices(np.concatenate([np.arange(s, s + n) for s, n in zip(starts, counts)]))
+        rows = self.indices(np.concatenate([np.full(n, slot) for slot, _, n in parts]))
+        ranks = self.indices(np.concatenate([np.arange(start, start + n) for _, start, n in parts]))
         pixel = t["remaining"][rows, ranks]
         x = t["current"][rows]
-        x[torch.arange(len(rows), device=self.device), pixel] = engine.baseline
-        x = x.view(len(rows), height, width, self.channels).permute(0, 3, 1, 2)
+        self.mask_pixels(x, torch.arange(len(rows), device=self.device), pixel, engine.baseline)
+        if self.pixel_major:
+            x = x.view(len(rows), height, width, self.channels).permute(0, 3, 1, 2)
+        else:
+            x = x.view(len(rows), self.channels, height, width)
         f = engine.probabilities(x).gather(1, t["target"][rows].unsqueeze(1)).squeeze(1)
         t["scores"][rows, pixel] = f
 
+    @torch.inference_mode()
     def complete(self, engine: BackSelect, slots, steps) -> None:
         """Finish the current step of ``slots``: remove each one's best candidate and record it."""
         if not slots:
@@ -418,12 +441,13 @@ class _SlotState:
         best = scores.argmax(1)  # first maximum = lowest pixel index on ties
         t["order"][rows, steps] = best
         t["values"][rows, steps] = scores.gather(1, best.unsqueeze(1)).squeeze(1)
-        t["current"][rows, best] = engine.baseline
+        self.mask_pixels(t["current"], rows, best, engine.baseline)
         remaining = t["remaining"][rows]
         shifted = torch.cat([remaining[:, 1:], torch.full_like(remaining[:, :1], self.pixels)], 1)
         t["remaining"][rows] = torch.where(remaining >= best.unsqueeze(1), shifted, remaining)
         t["scores"][rows] = -torch.inf
 
+    @torch.inference_mode()
     def release(self, slot: int, height: int, width: int) -> BackSelectResult:
         self.free.append(slot)
         # Copies: on the CPU, .cpu() would return views of storage the next image reuses.
@@ -439,13 +463,14 @@ class GradientBackSelect(_Engine):
     step takes the gradient of sum_b f_b with respect to M and, per image, masks the ``pixels_per_step``
     still-present pixels with the largest gradient (stable sort: ties to the lowest index), in that order.
     A step's value is f after the step. ``batch_size`` is images per forward+backward (default 64 on a
-    CPU, 256 on CUDA); ``dtype`` and ``bf16`` as in :class:`BackSelect`.
+    CPU, 256 on CUDA); ``dtype``, ``bf16`` and ``memory_format`` as in :class:`BackSelect`.
     """
 
     def __init__(self, model: torch.nn.Module, pixels_per_step: int = 10, baseline: float = 0.0,
                  batch_size: int | None = None, dtype: torch.dtype = torch.float32, bf16: bool = False,
-                 progress: bool = True):
-        super().__init__(model, baseline, batch_size, dtype, bf16, progress, DEFAULT_GRADIENT_BATCH_SIZE)
+                 progress: bool = True, memory_format=torch.channels_last):
+        super().__init__(model, baseline, batch_size, dtype, bf16, progress, DEFAULT_GRADIENT_BATCH_SIZE,
+                         memory_format)
         if pixels_per_step < 1:
             raise ValueError(f"pixels_per_step must be at least 1, not {pixels_per_step}")
         self.pixels_per_step = int(pixels_per_step)

@@ -24,7 +24,8 @@ from .utils import load_npz, resolve_device, save_dataframe
 log = logging.getLogger(__name__)
 
 METHODS = ("exact", "gradient")
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
+# float64/float32: exact arithmetic of that type; tf32 and bf16 are faster CUDA modes, approximate.
+PRECISIONS = ("float32", "float64", "tf32", "bf16")
 # Shards of one split must agree on everything in their metadata except these.
 PER_SHARD_KEYS = ("shard", "images_sha1")
 
@@ -107,8 +108,19 @@ def file_md5(path) -> str:
     return digest.hexdigest()
 
 
+def set_precision(precision: str, device: torch.device) -> dict:
+    """Engine arguments for ``precision``; sets PyTorch's global TF32 switches to match it."""
+    if precision in ("tf32", "bf16") and device.type != "cuda":
+        raise ValueError(f"precision {precision} needs a CUDA device; use float32 on the CPU")
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # batches keep one shape, so the autotuned kernels pay off
+    return {"dtype": torch.float64 if precision == "float64" else torch.float32, "bf16": precision == "bf16"}
+
+
 def build_engine(method: str, model, args) -> BackSelect | GradientBackSelect:
-    common = dict(baseline=args.baseline, batch_size=args.batch_size, dtype=DTYPES[args.dtype], bf16=args.bf16)
+    common = dict(baseline=args.baseline, batch_size=args.batch_size,
+                  **set_precision(args.precision, next(model.parameters()).device))
     if method == "exact":
         return BackSelect(model, **common)
     return GradientBackSelect(model, pixels_per_step=args.pixels_per_step, **common)
@@ -131,8 +143,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("--pixels-per-step", type=int, default=10, help="gradient method: pixels masked per step")
     p.add_argument("--batch-size", type=int, default=None,
                    help="candidates per forward (exact) or images per step (gradient); default per device")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast on CUDA (faster, approximate)")
+    p.add_argument("--precision", default="float32", choices=PRECISIONS,
+                   help="float32 (default) or float64: exact; tf32, bf16: faster on CUDA, approximate")
     p.add_argument("--shard", type=int, default=0)
     p.add_argument("--shards", type=int, default=1)
     p.add_argument("--checkpoint-seconds", type=float, default=30.0, help="save finished images this often")
@@ -181,7 +193,7 @@ def run_sis(args: argparse.Namespace) -> int:
         "method": args.method, "pixels_per_step": args.pixels_per_step if args.method == "gradient" else 1,
         "split": args.split, "size": args.size, "limit": args.limit, "shard": args.shard, "shards": args.shards,
         "mean": normalizer.mean.flatten().tolist(), "std": normalizer.std.flatten().tolist(),
-        "baseline": normalizer.baseline, "dtype": args.dtype, "bf16": args.bf16,
+        "baseline": normalizer.baseline, "precision": args.precision,
         "model_md5": file_md5(args.model),
         "images_sha1": hashlib.sha1(images.numpy().tobytes()).hexdigest(),
     }

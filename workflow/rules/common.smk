@@ -167,6 +167,21 @@ def recipe_json(model=None):
 
 
 DATASET = "data/cifar10/cifar10.npz"
+# Training and backward selection use every core they are given: locally Snakemake caps this at --cores
+# (one such job at a time on a small machine); on a cluster it is the CPUs requested per GPU job.
+HEAVY_THREADS = 8
+
+
+# Report categories (`snakemake --report`), one per stage in pipeline order; a stage's figures and tables use
+# report(..., caption="../report/<name>.rst", category=REPORT_CATEGORY[stage]).
+REPORT_CATEGORY = {
+    "training": "1. Training",
+    "sis": "2. Backward selection and SIS",
+    "retrain": "3. Pixel-subset retraining",
+    "mitigation": "4. Mitigation",
+    "humaneval": "5. Human evaluation",
+    "imagenet": "6. ImageNet",
+}
 
 
 def all_outputs():

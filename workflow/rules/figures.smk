@@ -1,22 +1,17 @@
 # Figures (PNG for screen and report, PDF for print) and the result tables as HTML pages, each marked
 # for the report (`snakemake --report results/report.html`) with a caption in workflow/report/ that
 # states what it shows and the configuration behind it. Report categories follow the pipeline's stages.
-# To add a figure: a rule whose PNG output is wrapped in report(..., category=REPORT_CATEGORY[stage]),
-# its caption, and its paths in that stage's outputs (e.g. figure_outputs() below).
+# To add a figure: a rule whose PNG output is wrapped in report(..., category=REPORT_CATEGORY[stage])
+# (common.smk), its caption, and its paths in that stage's outputs (e.g. figure_outputs() below).
 
-REPORT_CATEGORY = {
-    "training": "1. Training",
-    "sis": "2. Backward selection and SIS",
-    "retrain": "3. Pixel-subset retraining",
-    "mitigation": "4. Mitigation",
-    "humaneval": "5. Human evaluation",
-}
 # Tables shown in the report as HTML: name -> (title, stage); results/tables/<name>.csv is the source.
 REPORT_TABLES = {
     "table1": (f"Table 1: test accuracy with {100 * FRACTIONS[0]:g}% of the pixels kept", "retrain"),
     "fraction_sweep": ("Test accuracy against the fraction of pixels kept", "retrain"),
     "sis_sizes": (f"SIS sizes at tau = {config['sis']['tau']:g}, correct vs incorrect", "sis"),
 }
+if mitigation_models():
+    REPORT_TABLES["mitigation"] = ("Ensembles and input dropout against single models", "mitigation")
 if config["sis"]["compare_sample"]:
     REPORT_TABLES["sis_agreement"] = ("Exact vs gradient backward selection", "sis")
 

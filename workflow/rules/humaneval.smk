@@ -46,7 +46,8 @@ rule humaneval_build:
         bs=keep_masks(HUMANEVAL_MODEL, HUMANEVAL_SUBSETS["bs"]),
         random=keep_masks(HUMANEVAL_MODEL, HUMANEVAL_SUBSETS["random"]),
     output:
-        bundle=directory("results/humaneval/study"),
+        # The page, not directory(): Snakemake would add a timestamp file to the participants' folder.
+        page="results/humaneval/study/index.html",
         zip="results/humaneval/study.zip",
         key="results/humaneval/answer_key.csv",
         manifest="results/humaneval/manifest.csv",
@@ -66,7 +67,7 @@ rule humaneval_build:
     shell:
         "{OVERINTERP} humaneval build --data {input.data} {params.size} --bs-masks {input.bs} "
         "--random-masks {input.random} {params.conditions} {params.options} {params.norm} "
-        "--bundle {output.bundle} --zip {output.zip} --key {output.key} --manifest {output.manifest} 2> {log}"
+        "--bundle results/humaneval/study --zip {output.zip} --key {output.key} --manifest {output.manifest} 2> {log}"
 
 
 def humaneval_responses_input(wildcards):
@@ -88,8 +89,7 @@ rule humaneval_score:
     output:
         table="results/tables/humaneval.csv",
         participants="results/tables/humaneval_participants.csv",
-        png="results/figures/humaneval.png",
-        pdf="results/figures/humaneval.pdf",
+        figure=multiext("results/figures/humaneval", ".png", ".pdf"),
     params:
         threshold=HUMANEVAL["attention_threshold"],
         predictions=" ".join(shlex.quote(f"{n}:{c}={p}") for n, c, p in humaneval_predictions()),
@@ -99,4 +99,4 @@ rule humaneval_score:
     shell:
         "{OVERINTERP} humaneval score --key {input.key} --data {input.data} --responses {params.responses} "
         "--attention-threshold {params.threshold} --model-predictions {params.predictions} "
-        "--table {output.table} --participants {output.participants} --figure {output.png} {output.pdf} 2> {log}"
+        "--table {output.table} --participants {output.participants} --figure results/figures/humaneval 2> {log}"

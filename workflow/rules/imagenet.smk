@@ -57,9 +57,21 @@ def in_keep_masks(arch, variant):
     return f"results/imagenet/subsets/{arch}/{kind}-{IN_FRACTION}.npz"
 
 
+def in_report_figure(name, subcategory, labels=None):
+    """A PNG of the ImageNet stage, shown in the report with its caption (workflow/report/imagenet_*.rst)."""
+    return report(
+        f"results/figures/imagenet-{name}.png",
+        caption=f"../report/imagenet_{name.split('-')[0]}.rst",
+        category=REPORT_CATEGORY["imagenet"],
+        subcategory=subcategory,
+        labels=labels,
+    )
+
+
 def imagenet_outputs():
     return [
         "results/tables/imagenet.md",
+        "results/tables/imagenet.html",
         "results/figures/imagenet-accuracy.png",
         "results/figures/imagenet-confidence.png",
     ] + [f"results/imagenet/sis-sizes/{arch}.json" for arch in IN_ARCHS]
@@ -71,7 +83,7 @@ rule imagenet_index:
     params:
         classes=IMAGENET["num_classes"],
         workers=IMAGENET["workers"],
-    threads: IMAGENET["workers"]
+    threads: max(1, IMAGENET["workers"])
     log:
         "logs/imagenet/index.log",
     shell:
@@ -107,7 +119,7 @@ rule imagenet_train:
         sizes=in_per_class("train") + " " + in_per_class("val", "--val-per-class"),
         frame=lambda w: in_frame_args(w.arch),
         workers=IMAGENET["workers"],
-    threads: IMAGENET["workers"]
+    threads: max(1, IMAGENET["workers"])
     resources:
         gpu=1,
     log:
@@ -134,7 +146,7 @@ rule imagenet_sis:
         batch=IMAGENET["sis"]["batch_size"],
         bf16="--bf16" if IMAGENET["sis"]["bf16"] else "",
         workers=IMAGENET["workers"],
-    threads: IMAGENET["workers"]
+    threads: max(1, IMAGENET["workers"])
     resources:
         gpu=1,
     log:
@@ -191,7 +203,7 @@ rule imagenet_retrain:
         frame=lambda w: in_frame_args(w.arch),
         positions=lambda w: "--positions-only" if w.variant == "positions" else "",
         workers=IMAGENET["workers"],
-    threads: IMAGENET["workers"]
+    threads: max(1, IMAGENET["workers"])
     resources:
         gpu=1,
     log:
@@ -233,7 +245,7 @@ rule imagenet_evaluate:
         keep=lambda w, input: f"--keep-masks {input.keep}" if "keep" in input.keys() else "",
         positions=lambda w: "--positions-only" if w.name.startswith("positions") else "",
         workers=IMAGENET["workers"],
-    threads: IMAGENET["workers"]
+    threads: max(1, IMAGENET["workers"])
     resources:
         gpu=1,
     log:
@@ -271,10 +283,12 @@ rule imagenet_report:
     output:
         table="results/tables/imagenet.csv",
         markdown="results/tables/imagenet.md",
-        figures=[
-            f"results/figures/imagenet-{name}.{ext}"
+        accuracy=in_report_figure("accuracy", "Accuracy on pixel subsets"),
+        confidence=in_report_figure("confidence", "Confidence along backward selection"),
+        examples=[in_report_figure(f"examples-{arch}", "SIS examples", {"model": arch}) for arch in IN_ARCHS],
+        pdfs=[
+            f"results/figures/imagenet-{name}.pdf"
             for name in ["accuracy", "confidence"] + [f"examples-{arch}" for arch in IN_ARCHS]
-            for ext in ("png", "pdf")
         ],
     params:
         val=in_per_class("val", "--val-per-class"),
@@ -289,3 +303,21 @@ rule imagenet_report:
         "--index-dir {IN_INDEX} --root {IN_ROOT} {params.val} --archs {IN_ARCHS} --seeds {params.seeds} "
         "--fraction " + IN_FRACTION + " --tau {params.tau} {params.positions} --examples {params.examples} "
         "--table {output.table} --figures results/figures 2> {log}"
+
+
+rule imagenet_table_html:
+    input:
+        "results/tables/imagenet.csv",
+    output:
+        report(
+            "results/tables/imagenet.html",
+            caption="../report/table_imagenet.rst",
+            category=REPORT_CATEGORY["imagenet"],
+            subcategory="Tables",
+            labels={"table": "ImageNet: top-1 / top-5 on pixel subsets"},
+        ),
+    log:
+        "logs/tables/imagenet_html.log",
+    shell:
+        "{OVERINTERP} figures table-html --table {input} --title 'ImageNet: accuracy on pixel subsets' "
+        "--out {output} 2> {log}"

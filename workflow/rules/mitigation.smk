@@ -14,7 +14,9 @@ rule ensemble:
 
 
 def mitigation_outputs():
-    return multiext("results/tables/mitigation", ".csv", ".md") if mitigation_models() else []
+    if not mitigation_models():
+        return []
+    return ["results/tables/mitigation.md", "results/figures/mitigation.png", "results/figures/mitigation.pdf"]
 
 
 rule mitigation_table:
@@ -41,3 +43,26 @@ rule mitigation_table:
     shell:
         "{OVERINTERP} tables mitigation --tau {params.tau} --out results/tables/mitigation "
         "--sis-sizes {input.sizes} --summaries {input.summaries} 2> {log}"
+
+
+rule figure_mitigation:
+    input:
+        per_image=expand("results/tables/sis_sizes/{model}.csv", model=compared_models()),
+        table="results/tables/mitigation.csv",
+    output:
+        png=report(
+            "results/figures/mitigation.png",
+            caption="../report/mitigation.rst",
+            category=REPORT_CATEGORY["mitigation"],
+            subcategory="Ensembles and input dropout",
+        ),
+        pdf="results/figures/mitigation.pdf",
+    params:
+        entries=lambda w, input: entry_args(zip(compared_models(), input.per_image)),
+        tau=config["sis"]["tau"],
+        prefix=figure_prefix,
+    log:
+        "logs/figures/mitigation.log",
+    shell:
+        "{OVERINTERP} figures mitigation {params.entries} --table {input.table} --tau {params.tau} "
+        "--out {params.prefix} 2> {log}"

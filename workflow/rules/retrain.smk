@@ -14,6 +14,7 @@ rule retrain:
         sizes=size_args(),
         norm=normalization_args(),
         positions=lambda w: "--positions-only" if parse_subset(w.subset)["subset"] == "positions" else "",
+    threads: HEAVY_THREADS
     resources:
         gpu=1,
     log:
@@ -21,7 +22,7 @@ rule retrain:
     benchmark:
         "results/benchmarks/retrain/{model}/{subset}-s{seed}.tsv"
     shell:
-        "{OVERINTERP} train --data {input.data} --arch {params.arch} --seed {wildcards.seed} "
+        "{OVERINTERP} --threads {threads} train --data {input.data} --arch {params.arch} --seed {wildcards.seed} "
         "--recipe {params.recipe} {params.sizes} {params.norm} --keep-masks {input.masks} {params.positions} "
         "--checkpoint results/checkpoints/retrain/{wildcards.model}/{wildcards.subset}-s{wildcards.seed}.pt "
         "--out {output.model} --metrics {output.metrics} 2> {log}"

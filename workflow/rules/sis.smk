@@ -8,7 +8,8 @@ COMPARE_SAMPLE = config["sis"]["compare_sample"]
 def sis_args():
     sis = config["sis"]
     batch = "" if sis["batch_size"] is None else f"--batch-size {sis['batch_size']}"
-    return f"--pixels-per-step {sis['pixels_per_step']} {batch} {normalization_args()}"
+    return (f"--pixels-per-step {sis['pixels_per_step']} --precision {sis['precision']} {batch} "
+            f"{normalization_args()}")
 
 
 def sis_outputs():

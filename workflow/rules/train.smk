@@ -15,6 +15,7 @@ rule train:
         recipe=lambda w: recipe_json(w.model),
         sizes=size_args(),
         norm=normalization_args(),
+    threads: HEAVY_THREADS
     resources:
         gpu=1,
     log:
@@ -22,7 +23,7 @@ rule train:
     benchmark:
         "results/benchmarks/train/{model}.tsv"
     shell:
-        "{OVERINTERP} train --data {input} --arch {params.arch} --seed {params.seed} "
+        "{OVERINTERP} --threads {threads} train --data {input} --arch {params.arch} --seed {params.seed} "
         "--recipe {params.recipe} {params.sizes} {params.norm} "
         "--checkpoint results/checkpoints/{wildcards.model}.pt "
         "--out {output.model} --metrics {output.metrics} 2> {log}"

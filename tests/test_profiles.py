@@ -1,0 +1,55 @@
+"""The cluster and multi-GPU profiles stay in step with the workflow, and GPU jobs on one machine claim
+different GPUs."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import yaml
+
+from conftest import REPO, snakemake
+from overinterp.utils import claim_gpu
+
+SLURM_PROFILE = yaml.safe_load((REPO / "profiles/slurm/config.yaml").read_text())
+
+
+def gpu_rules() -> set[str]:
+    """Rules whose definition declares the gpu resource."""
+    rules = set()
+    for path in (REPO / "workflow/rules").glob("*.smk"):
+        for match in re.finditer(r"^rule (\w+):(.*?)(?=^\S|\Z)", path.read_text(), re.S | re.M):
+            if re.search(r"^\s+resources:\s*\n(\s+\w+=.*\n)*?\s+gpu=", match.group(2), re.M):
+                rules.add(match.group(1))
+    return rules
+
+
+def test_slurm_profile_sizes_every_gpu_rule_and_names_only_real_rules(tmp_path):
+    # With the ImageNet half enabled, every rule of the workflow is defined.
+    listed = snakemake(tmp_path, "--list-rules", "--config", "imagenet={root: /nonexistent}",
+                       configfiles=(REPO / "config/imagenet.yaml",)).stdout.split()
+    sized = SLURM_PROFILE["set-resources"]
+    assert set(sized) <= set(listed), f"profiles/slurm names rules that do not exist: {set(sized) - set(listed)}"
+    gpu = gpu_rules()
+    assert {"train", "retrain", "sis_shard"} <= gpu
+    missing = {rule for rule in gpu if "runtime" not in sized.get(rule, {})}
+    assert not missing, f"GPU rules without a runtime in profiles/slurm/config.yaml: {sorted(missing)}"
+
+
+def test_gpu_claims_are_exclusive_between_processes(tmp_path):
+    ids = ["0", "1", "2"]
+    code = ("import sys; from overinterp.utils import claim_gpu; "
+            "print(claim_gpu(sys.argv[1].split(','), sys.argv[2]), flush=True); sys.stdin.read()")
+    holder = subprocess.Popen([sys.executable, "-c", code, ",".join(ids), str(tmp_path)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "0"
+        assert claim_gpu(ids, tmp_path) == 1
+        assert claim_gpu(ids, tmp_path) == 1  # a process keeps the GPU it claimed
+    finally:
+        holder.kill()
+        holder.wait()
+    # The kernel drops a dead process's lock: the next process gets GPU 0 back.
+    other = subprocess.run([sys.executable, "-c", code, ",".join(ids), str(tmp_path)], input="",
+                           capture_output=True, text=True, check=True)
+    assert other.stdout.strip() == "0"
