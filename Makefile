@@ -24,11 +24,15 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/activate
 
 install: $(VENV)/.installed
 
+# Snakemake keeps only the last --configfile option, so config files named in ARGS are appended to
+# $(CONFIG) instead: they are merged over it, in order.
+SNAKEMAKE_ARGS = --configfile $(CONFIG) $(subst --configfiles ,,$(subst --configfile ,,$(ARGS)))
+
 run: install
-	$(BIN)/snakemake --cores $(CORES) --configfile $(CONFIG) $(ARGS)
+	$(BIN)/snakemake --cores $(CORES) $(SNAKEMAKE_ARGS)
 
 report: install
-	$(BIN)/snakemake --cores $(CORES) --configfile $(CONFIG) --report results/report.html $(ARGS)
+	$(BIN)/snakemake --cores $(CORES) --report results/report.html $(SNAKEMAKE_ARGS)
 
 # Share the expensive results through a DVC remote (README "Sharing results with DVC"); pass the
 # configuration they were made with (CONFIG, ARGS) so that Snakemake can check them.

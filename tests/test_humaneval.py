@@ -476,7 +476,8 @@ def test_workflow_builds_the_study_and_scores_the_responses_put_beside_it(smoke_
     responses.mkdir(parents=True)
     write_responses(responses / "p1.csv", good_rows(key))
     result = snakemake(work, "--cores", "2", configfiles=(REPO / "config/smoke.yaml", work / "source.yaml"))
-    assert re.findall(r"^(?:local)?rule (\w+):", result.stderr, re.M) == ["humaneval_score"]  # nothing else reran
+    ran = set(re.findall(r"^(?:local)?rule (\w+):", result.stderr, re.M)) - {"all"}
+    assert ran == {"humaneval_score"}  # nothing else reran
     table = pd.read_csv(work / "results/tables/humaneval.csv")
     humans = table[table["rater"] == "humans"].set_index("condition")
     assert humans["accuracy"].to_dict() == {"bs": 1.0, "random": 1.0, "full": 1.0}

@@ -14,6 +14,7 @@ from overinterp.sis import (BackSelect, BackSelectResult, GradientBackSelect, ke
                             sis_size)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class IgnorePixels(nn.Module):

@@ -19,6 +19,7 @@ from overinterp.sis_commands import agreement, partial_path, rank_correlation, r
 from overinterp.utils import load_npz
 
 ARRAYS = ("index", "order", "values", "target", "full_confidence", "height", "width")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,8 @@ def test_shard_resumes_after_sigkill(cifar_npz, tiny_model, tmp_path):
     out = tmp_path / "killed.npz"
     command = [sys.executable, "-m", "overinterp", *sis_args(cifar_npz, tiny_model, out, "--limit", "4",
                                                              "--checkpoint-seconds", "0")]
-    process = subprocess.Popen(command, stderr=subprocess.DEVNULL)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, stderr=subprocess.DEVNULL, env=env)
     deadline = time.monotonic() + 120
     while not partial_path(out).exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -58,7 +60,7 @@ def test_shard_resumes_after_sigkill(cifar_npz, tiny_model, tmp_path):
     done = len(load_npz(partial_path(out))["index"])
     assert 0 < done < 4
 
-    resumed = subprocess.run(command, capture_output=True, text=True)
+    resumed = subprocess.run(command, capture_output=True, text=True, env=env)
     assert resumed.returncode == 0, resumed.stderr
     assert f"{done} of 4 images already done" in resumed.stderr
     assert not partial_path(out).exists()
@@ -129,19 +131,23 @@ def test_agreement_measures():
 
 
 def test_agreement_commands(cifar_npz, tiny_model, tmp_path):
-    coarse, fine = tmp_path / "coarse.npz", tmp_path / "fine.npz"
+    exact, coarse, fine = tmp_path / "exact.npz", tmp_path / "coarse.npz", tmp_path / "fine.npz"
+    assert main(sis_args(cifar_npz, tiny_model, exact, "--limit", "1", "--method", "exact", "--batch-size", "512")) == 0
     assert main(sis_args(cifar_npz, tiny_model, coarse, "--limit", "3", "--pixels-per-step", "256")) == 0
     assert main(sis_args(cifar_npz, tiny_model, fine, "--limit", "3", "--pixels-per-step", "16")) == 0
     common = ["--data", str(cifar_npz), "--model", str(tiny_model), "--device", "cpu"]
-    assert main(["sis-agreement", "--exact", str(fine), "--gradient", str(coarse), *common,
+    assert main(["sis-agreement", "--exact", str(exact), "--gradient", str(coarse), *common,
                  "--out", str(tmp_path / "a.csv")]) == 0
     assert main(["sis-agreement", "--exact", str(fine), "--gradient", str(fine), *common,
                  "--out", str(tmp_path / "same.csv")]) == 0
     a, same = pd.read_csv(tmp_path / "a.csv"), pd.read_csv(tmp_path / "same.csv")
-    assert len(a) == 3 and a["kept_pixels"].eq(52).all() and a["overlap"].between(0, 1).all()
+    assert len(a) == 1 and a["kept_pixels"].eq(52).all() and a["overlap"].between(0, 1).all()
+    # f on the exact method's kept 52 pixels is BackSelect's own value after the first 972 removals.
+    exact_result = BackSelectResult.load(exact)
+    assert exact_result.meta["method"] == "exact"
+    assert a["exact_kept_confidence"].iloc[0] == pytest.approx(exact_result.values[0, 1024 - 52 - 1], abs=1e-5)
     assert same["overlap"].eq(1).all() and np.allclose(same["spearman"], 1)
     assert np.allclose(same["exact_kept_confidence"], same["gradient_kept_confidence"])
-    assert a["exact_kept_confidence"].between(0, 1).all()
     assert main(["sis-agreement-table", "--csv", str(tmp_path / "t.csv"), "--markdown", str(tmp_path / "t.md"),
                  f"m1={tmp_path / 'a.csv'}", f"m2={tmp_path / 'same.csv'}"]) == 0
     table = pd.read_csv(tmp_path / "t.csv")

@@ -5,20 +5,14 @@ import pytest
 
 from overinterp.analysis import comparison_table, markdown_table, table1
 from overinterp.evaluate import summarize
-from overinterp.subsets import (backselect_keep, kept_count, load_keep_masks, random_keep, save_keep_masks)
+from overinterp.sis import kept_count
+from overinterp.subsets import load_keep_masks, random_keep, save_keep_masks
 
 
 def test_kept_count_matches_the_paper():
-    assert kept_count(0.05, 1024) == 52
-    assert kept_count(0.1, 299 * 299) == 8941
-    assert kept_count(1.0, 1024) == 1024
-    with pytest.raises(ValueError):
-        kept_count(0.0, 1024)
-
-
-def test_backselect_keep_is_the_last_removed_pixels():
-    order = np.array([[3, 0, 2, 1], [1, 2, 3, 0]])
-    assert backselect_keep(order, 2).tolist() == [[False, True, True, False], [True, False, False, True]]
+    assert kept_count(1024, 0.05) == 52
+    assert kept_count(299 * 299, 0.1) == 8941
+    assert kept_count(1024, 1.0) == 1024
 
 
 def test_random_keep_counts_and_seed():

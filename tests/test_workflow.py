@@ -27,8 +27,11 @@ def test_smoke_run_is_complete(smoke_run):
 def test_paper_configuration_builds_its_dag(tmp_path):
     dry = snakemake(tmp_path, "-n", configfiles=(REPO / "config/config.yaml",))
     counts = job_counts(dry.stdout)
-    # 3 architectures x 3 replicate seeds, from one download.
+    # 3 architectures x 3 replicate seeds plus one input-dropout model per architecture, from one download;
+    # ensembles of each architecture's seeds and one across architectures are evaluated too.
     assert counts["download_cifar10"] == 1
-    assert counts["train"] == counts["evaluate"] == 9
+    assert counts["train"] == 9 + 3
+    assert counts["ensemble"] == 3 + 1
+    assert counts["evaluate"] == 9 + 3 + 4
     for model in ("resnet20-s0", "resnet18-s1", "vgg16_bn-s2"):
         assert f"results/models/{model}/model.pt" in dry.stdout

@@ -179,8 +179,10 @@ def pull(root: Path, snakemake_args: list[str], remote: str | None = None) -> di
     outputs = workflow_outputs(root, snakemake_args)
     targets = [f for f in pulled if f in outputs]
     if targets:
-        _run(_snakemake(*targets, "--touch", "--rerun-triggers", "mtime", "--drop-metadata", "--quiet",
-                        "--cores", "1", *snakemake_args), root, capture=True)
+        # Targets right before the user's arguments, which may start with targets of their own
+        # (argparse wants positional arguments in one run).
+        _run(_snakemake("--touch", "--quiet", "--rerun-triggers", "mtime", "--drop-metadata", "--cores", "1",
+                        *targets, *snakemake_args), root, capture=True)
     outputs = workflow_outputs(root, snakemake_args)
     summary = {f: outputs[f] for f in targets}
     stale = {f: s for f, s in summary.items() if s[1] != "no update"}

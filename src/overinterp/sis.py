@@ -303,9 +303,6 @@ class BackSelect(_Engine):
         pixels = height * width
         if num_images == 0:
             return
-        dev, dt = self.device, self.dtype
-        state = _SlotState(dev, dt, pixels, channels, capacity=max(2, 2 * self.batch_size // pixels + 2),
-                           pixel_major=self.memory_format == torch.channels_last)
         # Host-side schedule: the step each slot is at, how many of its candidates are already evaluated.
         step: dict[int, int] = {}
         cursor: dict[int, int] = {}
@@ -314,40 +311,49 @@ class BackSelect(_Engine):
         next_image = 0
         bar = tqdm(total=num_images * pixels * (pixels + 1) // 2, unit="eval", unit_scale=True,
                    desc="BackSelect", disable=not self.progress)
-
+        state = None
         while True:
-            # Fill one batch from the front of the queue; admit new images only once every active image's
-            # current step fits, so batches stay full until the last images finish.
-            parts, completed = [], []  # parts: (slot, first candidate rank, count)
-            room = self.batch_size
-            while room:
-                if not queue:
-                    if next_image == num_images:
-                        break
-                    slot = state.admit(self, images[next_image], None if target is None else target[next_image])
-                    step[slot], cursor[slot], image_of[slot] = 0, 0, next_image
-                    queue.append(slot)
-                    next_image += 1
-                slot = queue[0]
-                left = pixels - step[slot] - cursor[slot]
-                take = min(room, left)
-                parts.append((slot, cursor[slot], take))
-                cursor[slot] += take
-                room -= take
-                if take == left:
-                    completed.append(queue.popleft())
-            if not parts:
-                break
-            state.evaluate(self, parts, height, width)
+            finished = []
+            # Inference mode per batch, not around the yield: the caller's code must not run in it.
+            with torch.inference_mode():
+                if state is None:
+                    state = _SlotState(self.device, self.dtype, pixels, channels,
+                                       capacity=max(2, 2 * self.batch_size // pixels + 2),
+                                       pixel_major=self.memory_format == torch.channels_last)
+                # Fill one batch from the front of the queue; admit new images only once every active
+                # image's current step fits, so batches stay full until the last images finish.
+                parts, completed = [], []  # parts: (slot, first candidate rank, count)
+                room = self.batch_size
+                while room:
+                    if not queue:
+                        if next_image == num_images:
+                            break
+                        slot = state.admit(self, images[next_image],
+                                           None if target is None else target[next_image])
+                        step[slot], cursor[slot], image_of[slot] = 0, 0, next_image
+                        queue.append(slot)
+                        next_image += 1
+                    slot = queue[0]
+                    left = pixels - step[slot] - cursor[slot]
+                    take = min(room, left)
+                    parts.append((slot, cursor[slot], take))
+                    cursor[slot] += take
+                    room -= take
+                    if take == left:
+                        completed.append(queue.popleft())
+                if not parts:
+                    break
+                state.evaluate(self, parts, height, width)
+                state.complete(self, completed, [step[s] for s in completed])
+                for slot in completed:
+                    step[slot] += 1
+                    cursor[slot] = 0
+                    if step[slot] < pixels:
+                        queue.append(slot)
+                    else:
+                        finished.append((image_of.pop(slot), state.release(slot, height, width)))
             bar.update(self.batch_size - room)
-            state.complete(self, completed, [step[s] for s in completed])
-            for slot in completed:
-                step[slot] += 1
-                cursor[slot] = 0
-                if step[slot] < pixels:
-                    queue.append(slot)
-                else:
-                    yield image_of.pop(slot), state.release(slot, height, width)
+            yield from finished
         bar.close()
 
 
@@ -358,7 +364,6 @@ class _SlotState:
     batch of them is channels_last), else (channels, pixels) (contiguous NCHW);
     ``remaining``: its still-present pixels in ascending order, padded with ``pixels``;
     ``scores``: f of every candidate of the current step by pixel, -inf elsewhere (argmax -> lowest index).
-    Each method runs in inference mode by itself, so the mode never stays on while the iterator is paused.
     """
 
     def __init__(self, device, dtype, pixels, channels, capacity, pixel_major):
@@ -369,7 +374,6 @@ class _SlotState:
         self.tensors: dict[str, torch.Tensor] = {}
         self.grow(capacity)
 
-    @torch.inference_mode()
     def grow(self, capacity: int) -> None:
         p, c, dev, dt = self.pixels, self.channels, self.device, self.dtype
         new = capacity - self.capacity
@@ -392,7 +396,6 @@ class _SlotState:
         # Pageable host memory is staged by the copy call itself, so non_blocking needs no host sync.
         return torch.from_numpy(np.asarray(values, dtype=np.int64)).to(self.device, non_blocking=True)
 
-    @torch.inference_mode()
     def admit(self, engine: BackSelect, image: torch.Tensor, target) -> int:
         if not self.free:
             self.grow(2 * self.capacity)
@@ -414,7 +417,6 @@ class _SlotState:
         else:
             images[rows, :, pixel] = baseline
 
-    @torch.inference_mode()
     def evaluate(self, engine: BackSelect, parts, height, width) -> None:
         """f of every candidate in the batch, given as (slot, first rank, count), written into ``scores``."""
         t = self.tensors
@@ -430,7 +432,6 @@ class _SlotState:
         f = engine.probabilities(x).gather(1, t["target"][rows].unsqueeze(1)).squeeze(1)
         t["scores"][rows, pixel] = f
 
-    @torch.inference_mode()
     def complete(self, engine: BackSelect, slots, steps) -> None:
         """Finish the current step of ``slots``: remove each one's best candidate and record it."""
         if not slots:
@@ -447,7 +448,6 @@ class _SlotState:
         t["remaining"][rows] = torch.where(remaining >= best.unsqueeze(1), shifted, remaining)
         t["scores"][rows] = -torch.inf
 
-    @torch.inference_mode()
     def release(self, slot: int, height: int, width: int) -> BackSelectResult:
         self.free.append(slot)
         # Copies: on the CPU, .cpu() would return views of storage the next image reuses.

@@ -47,20 +47,6 @@ def load_keep_masks(path, split: str, expected_index: np.ndarray | None = None) 
     return torch.from_numpy(keep).unsqueeze(1)
 
 
-def kept_count(fraction: float, num_pixels: int) -> int:
-    """Pixels kept for a fraction: ceil, so 5% of 1,024 is 52 (rounding guards 0.05 * 1024 = 51.2000001)."""
-    if not 0 < fraction <= 1:
-        raise ValueError(f"fraction must be in (0, 1], not {fraction}")
-    return int(np.ceil(round(fraction * num_pixels, 9)))
-
-
-def backselect_keep(order: np.ndarray, count: int) -> np.ndarray:
-    """(N, H*W) bool keep-mask of the ``count`` pixels removed last by backward selection."""
-    keep = np.zeros(order.shape, dtype=bool)
-    np.put_along_axis(keep, np.asarray(order[:, order.shape[1] - count:], dtype=np.int64), True, axis=1)
-    return keep
-
-
 def random_keep(num_images: int, num_pixels: int, count: int, seed: int, chunk: int = 4096) -> np.ndarray:
     """(N, H*W) bool keep-mask of ``count`` uniformly random distinct pixels per image, fixed by ``seed``."""
     rng = np.random.default_rng(seed)
@@ -93,26 +79,28 @@ def add_commands(subparsers) -> None:
 
 
 def run_backselect(args) -> int:
+    from .sis import BackSelectResult, keep_last
+
     splits, shape = {}, None
     for split, path in (("train", args.sis_train), ("test", args.sis_test)):
         if path is None:
             continue
-        sis = load_npz(path)
-        shape = (int(sis["height"]), int(sis["width"]))
-        count = kept_count(args.fraction, shape[0] * shape[1])
-        splits[split] = (sis["index"], backselect_keep(sis["order"], count))
+        result = BackSelectResult.load(path)
+        shape = (result.height, result.width)
+        splits[split] = (result.index, keep_last(result, fraction=args.fraction))
     save_keep_masks(args.out, *shape, **splits)
     return 0
 
 
 def run_random(args) -> int:
     from .data import load_split
+    from .sis import kept_count
 
     splits, shape = {}, None
     for split, size, seed in (("train", args.train_size, args.seed_train), ("test", args.test_size, args.seed_test)):
         data = load_split(args.data, split, size)
         shape = tuple(data.images.shape[2:])
-        count = kept_count(args.fraction, shape[0] * shape[1])
+        count = kept_count(shape[0] * shape[1], args.fraction)
         splits[split] = (data.index, random_keep(len(data), shape[0] * shape[1], count, seed))
     save_keep_masks(args.out, *shape, **splits)
     return 0

@@ -89,7 +89,13 @@ rule humaneval_score:
     output:
         table="results/tables/humaneval.csv",
         participants="results/tables/humaneval_participants.csv",
-        figure=multiext("results/figures/humaneval", ".png", ".pdf"),
+        png=report(
+            "results/figures/humaneval.png",
+            caption="../report/humaneval.rst",
+            category=REPORT_CATEGORY["humaneval"],
+            subcategory="People vs models",
+        ),
+        pdf="results/figures/humaneval.pdf",
     params:
         threshold=HUMANEVAL["attention_threshold"],
         predictions=" ".join(shlex.quote(f"{n}:{c}={p}") for n, c, p in humaneval_predictions()),

@@ -32,6 +32,7 @@ rule sis_shard:
     params:
         size=lambda w: split_size_arg(w.split),
         options=sis_args(),
+    threads: HEAVY_THREADS
     resources:
         gpu=1,
     log:
@@ -39,7 +40,7 @@ rule sis_shard:
     benchmark:
         "results/benchmarks/sis/{model}/{method}/{split}/shard{shard}.tsv"
     shell:
-        "{OVERINTERP} sis --data {input.data} --model {input.model} --split {wildcards.split} {params.size} "
+        "{OVERINTERP} --threads {threads} sis --data {input.data} --model {input.model} --split {wildcards.split} {params.size} "
         "--method {wildcards.method} --shard {wildcards.shard} --shards {SIS_SHARDS} {params.options} "
         "--out {output} 2> {log}"
 
@@ -64,6 +65,7 @@ rule sis_compare:
     params:
         size=split_size_arg("test"),
         options=sis_args(),
+    threads: HEAVY_THREADS
     resources:
         gpu=1,
     log:
@@ -71,7 +73,7 @@ rule sis_compare:
     benchmark:
         "results/benchmarks/sis/{model}/{method}/compare.tsv"
     shell:
-        "{OVERINTERP} sis --data {input.data} --model {input.model} --split test {params.size} "
+        "{OVERINTERP} --threads {threads} sis --data {input.data} --model {input.model} --split test {params.size} "
         "--limit {COMPARE_SAMPLE} --method {wildcards.method} {params.options} --out {output} 2> {log}"
 
 
