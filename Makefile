@@ -37,10 +37,10 @@ report: install
 # Share the expensive results through a DVC remote (README "Sharing results with DVC"); pass the
 # configuration they were made with (CONFIG, ARGS) so that Snakemake can check them.
 publish: install
-	$(BIN)/overinterp publish -- --configfile $(CONFIG) $(ARGS)
+	$(BIN)/overinterp publish -- $(SNAKEMAKE_ARGS)
 
 pull: install
-	$(BIN)/overinterp pull -- --configfile $(CONFIG) $(ARGS)
+	$(BIN)/overinterp pull -- $(SNAKEMAKE_ARGS)
 
 test: install
 	$(BIN)/python -m pytest $(ARGS)

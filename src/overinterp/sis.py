@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import sys
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -257,6 +258,12 @@ class _Engine:
             logits = self.model(x.contiguous(memory_format=self.memory_format))
         return logits.to(self.dtype).softmax(1)
 
+    def progress_bar(self, total: int, unit: str, desc: str) -> tqdm:
+        # Into a log file (not a terminal), update rarely: runs last hours and batches take milliseconds.
+        interval = 0.1 if sys.stderr.isatty() else 30.0
+        return tqdm(total=total, unit=unit, unit_scale=True, desc=desc, disable=not self.progress,
+                    mininterval=interval, maxinterval=max(10.0, interval))
+
     def check_inputs(self, images, target):
         images = torch.as_tensor(images)
         if images.ndim != 4 or not images.is_floating_point():
@@ -309,8 +316,7 @@ class BackSelect(_Engine):
         image_of: dict[int, int] = {}
         queue: deque[int] = deque()
         next_image = 0
-        bar = tqdm(total=num_images * pixels * (pixels + 1) // 2, unit="eval", unit_scale=True,
-                   desc="BackSelect", disable=not self.progress)
+        bar = self.progress_bar(num_images * pixels * (pixels + 1) // 2, "eval", "BackSelect")
         state = None
         while True:
             finished = []
@@ -481,8 +487,7 @@ class GradientBackSelect(_Engine):
         num_images, _, height, width = images.shape
         pixels, k = height * width, self.pixels_per_step
         steps = math.ceil(pixels / k)
-        bar = tqdm(total=num_images * steps, unit="img-step", unit_scale=True, desc="GradientBackSelect",
-                   disable=not self.progress)
+        bar = self.progress_bar(num_images * steps, "img-step", "GradientBackSelect")
         for start in range(0, num_images, self.batch_size):
             x = images[start : start + self.batch_size].to(self.device, self.dtype)
             chunk_target = None if target is None else target[start : start + self.batch_size].to(self.device)

@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 
 from .sis import BackSelect, BackSelectResult, GradientBackSelect, keep_last, kept_count
-from .utils import load_npz, resolve_device, save_dataframe
+from .utils import resolve_device, save_dataframe
 
 log = logging.getLogger(__name__)
 
@@ -82,12 +82,10 @@ def merge_shards(paths) -> BackSelectResult:
         raise ValueError("no shard files given to merge")
     common = [{k: v for k, v in s.meta.items() if k not in PER_SHARD_KEYS} for s in shards]
     for path, c in zip(paths, common):
-        if c != common[0]:
-            raise ValueError(
-                f"{path} does not belong with {paths[0]}: their settings differ "
-                f"({ {k: (c.get(k), common[0].get(k)) for k in set(c) | set(common[0]) if c.get(k) != common[0].get(k)} }). "
-                "Delete the stale shard files and rerun."
-            )
+        differ = sorted(k for k in set(c) | set(common[0]) if c.get(k) != common[0].get(k))
+        if differ:
+            raise ValueError(f"{path} does not belong with {paths[0]}: their {', '.join(differ)} differ. "
+                             "Delete the stale shard files and rerun.")
     count = common[0].get("shards")
     ids = sorted(s.meta.get("shard", -1) for s in shards)
     if count is None or ids != list(range(count)):
@@ -98,14 +96,6 @@ def merge_shards(paths) -> BackSelectResult:
         raise ValueError("the shards overlap: some dataset rows appear in more than one shard")
     merged.meta = common[0]
     return merged
-
-
-def file_md5(path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def set_precision(precision: str, device: torch.device) -> dict:
@@ -178,7 +168,7 @@ def add_commands(subparsers) -> None:
 
 
 def run_sis(args: argparse.Namespace) -> int:
-    from .data import load_split
+    from .data import load_split, md5sum
     from .models import load_model
     from .train import normalizer_from_args
 
@@ -194,7 +184,7 @@ def run_sis(args: argparse.Namespace) -> int:
         "split": args.split, "size": args.size, "limit": args.limit, "shard": args.shard, "shards": args.shards,
         "mean": normalizer.mean.flatten().tolist(), "std": normalizer.std.flatten().tolist(),
         "baseline": normalizer.baseline, "precision": args.precision,
-        "model_md5": file_md5(args.model),
+        "model_md5": md5sum(args.model),
         "images_sha1": hashlib.sha1(images.numpy().tobytes()).hexdigest(),
     }
     model = load_model(args.model, resolve_device(args.device))

@@ -6,16 +6,20 @@ localrules:
     download_cifar10,
 
 
+# The md5 identifies the archive; where it comes from does not, so a mirror's address is not a parameter
+# (changing it does not make Snakemake rebuild a verified, e.g. pulled, archive).
+CIFAR10_URL = shlex.quote(config["cifar10"]["url"])
+
+
 rule download_cifar10:
     output:
         "data/cifar10/cifar-10-python.tar.gz",
     params:
-        url=config["cifar10"]["url"],
         md5=config["cifar10"]["md5"],
     log:
         "logs/data/download_cifar10.log",
     shell:
-        "{OVERINTERP} download --url {params.url:q} --md5 {params.md5} --out {output} 2> {log}"
+        "{OVERINTERP} download --url {CIFAR10_URL} --md5 {params.md5} --out {output} 2> {log}"
 
 
 rule convert_cifar10:
