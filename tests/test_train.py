@@ -1,5 +1,4 @@
 """Training: augmentation keeps image and mask aligned, a killed run resumes to identical weights."""
-import os
 import signal
 import subprocess
 import sys

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from .utils import atomic_path, load_npz, save_dataframe
+from .utils import atomic_path, save_dataframe
 
 # How each condition is named in the tables, in display order.
 CONDITIONS = {

@@ -24,13 +24,13 @@ from tqdm import tqdm
 from .evaluate import prediction_table
 from .imagenet import ImageNetDataset
 from .models import build_model
-from .utils import save_torch
+from .train import FromDict, Trainer
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class ImageNetRecipe:
+class ImageNetRecipe(FromDict):
     """The standard ImageNet recipe (torchvision's reference / the PyTorch ImageNet example the paper used)."""
 
     epochs: int = 90
@@ -43,14 +43,6 @@ class ImageNetRecipe:
     gamma: float = 0.1
     min_scale: float = 0.08  # random-resized crop keeps 8%..100% of the frame's area
     flip: bool = True
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "ImageNetRecipe":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"unknown ImageNet training setting(s) {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**values)
 
 
 def _loader(dataset, batch_size: int, workers: int, shuffle: bool = False, seed: int = 0, device=None):
@@ -101,27 +93,13 @@ def train_imagenet(arch: str, train: ImageNetDataset, recipe: ImageNetRecipe, se
     """Train a fresh ``arch`` on ``train`` (which carries the masking and augmentation); returns (model, metrics)."""
     torch.manual_seed(seed)
     model = build_model(arch).to(device, memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
-                                nesterov=recipe.nesterov, weight_decay=recipe.weight_decay)
-    schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, recipe.milestones, recipe.gamma)
     fingerprint = json.dumps([arch, dataclasses.asdict(recipe), seed, len(train), train.keep is not None,
                               train.positions_only, train.crop], sort_keys=True)
-    rows, start_epoch = [], 0
-    checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
-    if checkpoint_path and checkpoint_path.exists():
-        state = torch.load(checkpoint_path, map_location=device, weights_only=False)
-        if state["fingerprint"] == fingerprint:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            schedule.load_state_dict(state["schedule"])
-            torch.set_rng_state(state["torch_rng"])
-            rows, start_epoch = state["metrics"], state["epoch"]
-            log.info("resuming %s from its checkpoint after epoch %d", checkpoint_path, start_epoch)
-        else:
-            log.warning("ignoring checkpoint %s: it belongs to a different configuration", checkpoint_path)
+    trainer = Trainer(model, recipe, fingerprint, checkpoint_path)
+    trainer.resume(device)
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    bar = tqdm(range(start_epoch, recipe.epochs), initial=start_epoch, total=recipe.epochs,
+    bar = tqdm(range(trainer.start_epoch, recipe.epochs), initial=trainer.start_epoch, total=recipe.epochs,
                desc=f"train {arch} seed {seed}", disable=not progress)
     for epoch in bar:
         started = time.perf_counter()
@@ -136,26 +114,18 @@ def train_imagenet(arch: str, train: ImageNetDataset, recipe: ImageNetRecipe, se
             with autocast:
                 logits = model(x)
                 loss = F.cross_entropy(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            trainer.step(loss)
             loss_sum += loss.detach() * len(y)
             correct += (logits.argmax(1) == y).sum()
-        schedule.step()
         seconds = time.perf_counter() - started
-        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_loss": loss_sum.item() / len(train),
+        row = {"epoch": epoch + 1, "train_loss": loss_sum.item() / len(train),
                "train_top1": correct.item() / len(train), "seconds": seconds,
                "images_per_second": len(train) / seconds}
         if val is not None:
             table = imagenet_prediction_table(predict_dataset(model, val, recipe.batch_size, workers, progress=False),
                                               val.split.labels, val.split.index)
             row.update({f"val_{k}": v for k, v in summarize_imagenet(table).items() if k in ("top1", "top5")})
-        rows.append(row)
+        trainer.end_epoch(row)
         bar.set_postfix(loss=f"{row['train_loss']:.3f}", val_top1=f"{row.get('val_top1', float('nan')):.3f}")
-        if checkpoint_path:
-            save_torch(checkpoint_path, {
-                "fingerprint": fingerprint, "epoch": epoch + 1, "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                "torch_rng": torch.get_rng_state(), "metrics": rows})
     model.eval()
-    return model, pd.DataFrame(rows)
+    return model, pd.DataFrame(trainer.rows)

@@ -28,8 +28,20 @@ from .utils import resolve_device, save_dataframe, save_torch
 log = logging.getLogger(__name__)
 
 
+class FromDict:
+    """``from_dict`` for recipe dataclasses: unknown keys are an error that lists the known ones."""
+
+    @classmethod
+    def from_dict(cls, values: dict):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown training setting(s) {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**values)
+
+
 @dataclass
-class Recipe:
+class Recipe(FromDict):
     """The paper's CIFAR-10 recipe; every field is a config value."""
 
     epochs: int = 200
@@ -44,13 +56,57 @@ class Recipe:
     flip: bool = True
     input_dropout: float = 0.0
 
-    @classmethod
-    def from_dict(cls, values: dict) -> "Recipe":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"unknown training setting(s) {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**values)
+
+class Trainer:
+    """SGD with a step schedule and an exact checkpoint after every epoch: model, optimiser, schedule, the
+    random state (global, CUDA and an optional data-order generator) and the metrics so far. A checkpoint
+    of another configuration (``fingerprint``) is ignored, never resumed."""
+
+    def __init__(self, model, recipe, fingerprint: str, checkpoint_path=None, generator=None):
+        self.model, self.fingerprint, self.generator = model, fingerprint, generator
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
+                                         nesterov=recipe.nesterov, weight_decay=recipe.weight_decay)
+        self.schedule = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, recipe.milestones, recipe.gamma)
+        self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
+        self.rows, self.start_epoch = [], 0
+
+    def resume(self, device: torch.device) -> None:
+        if not (self.checkpoint_path and self.checkpoint_path.exists()):
+            return
+        state = torch.load(self.checkpoint_path, map_location=device, weights_only=False)
+        if state["fingerprint"] != self.fingerprint:
+            log.warning("ignoring checkpoint %s: it belongs to a different configuration", self.checkpoint_path)
+            return
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        if self.generator is not None:
+            self.generator.set_state(state["generator"].cpu() if device.type == "cpu" else state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"])
+        self.rows, self.start_epoch = state["metrics"], state["epoch"]
+        log.info("resuming %s from its checkpoint after epoch %d", self.checkpoint_path, self.start_epoch)
+
+    def step(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+    def end_epoch(self, row: dict) -> None:
+        """Advance the schedule, record the epoch's metrics and write the checkpoint."""
+        row["lr"] = self.optimizer.param_groups[0]["lr"]
+        self.schedule.step()
+        self.rows.append(row)
+        if self.checkpoint_path:
+            save_torch(self.checkpoint_path, {
+                "fingerprint": self.fingerprint, "epoch": row["epoch"], "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
+                "generator": self.generator.get_state() if self.generator is not None else None,
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+                "metrics": self.rows,
+            })
 
 
 def augment(x: torch.Tensor, padding: int, flip: bool, fill: float, generator: torch.Generator) -> torch.Tensor:
@@ -104,28 +160,10 @@ def train_model(
         raise ValueError("positions_only training needs keep-masks")
     torch.manual_seed(seed)
     model = build_model(arch, recipe.input_dropout, normalizer.baseline).to(device, memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
-                                nesterov=recipe.nesterov, weight_decay=recipe.weight_decay)
-    schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, recipe.milestones, recipe.gamma)
     generator = torch.Generator(device=device).manual_seed(seed)
     fingerprint = _fingerprint(arch, recipe, seed, len(train), keep is not None, positions_only)
-    rows, start_epoch = [], 0
-
-    checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
-    if checkpoint_path and checkpoint_path.exists():
-        state = torch.load(checkpoint_path, map_location=device, weights_only=False)
-        if state["fingerprint"] == fingerprint:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            schedule.load_state_dict(state["schedule"])
-            generator.set_state(state["generator"].cpu() if device.type == "cpu" else state["generator"])
-            torch.set_rng_state(state["torch_rng"])
-            if device.type == "cuda" and state.get("cuda_rng") is not None:
-                torch.cuda.set_rng_state(state["cuda_rng"])
-            rows, start_epoch = state["metrics"], state["epoch"]
-            log.info("resuming %s from its checkpoint after epoch %d", checkpoint_path, start_epoch)
-        else:
-            log.warning("ignoring checkpoint %s: it belongs to a different configuration", checkpoint_path)
+    trainer = Trainer(model, recipe, fingerprint, checkpoint_path, generator)
+    trainer.resume(device)
 
     images, labels = train.images.to(device), train.labels.to(device)
     keep_dev = keep.to(device) if keep is not None else None
@@ -135,7 +173,7 @@ def train_model(
         test_labels = test.labels.to(device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     n = len(train)
-    bar = tqdm(range(start_epoch, recipe.epochs), initial=start_epoch, total=recipe.epochs,
+    bar = tqdm(range(trainer.start_epoch, recipe.epochs), initial=trainer.start_epoch, total=recipe.epochs,
                desc=f"train {arch} seed {seed}", disable=not progress)
     for epoch in bar:
         started = time.perf_counter()
@@ -152,35 +190,20 @@ def train_model(
             with autocast:
                 logits = model(x)
                 loss = F.cross_entropy(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            trainer.step(loss)
             loss_sum += loss.detach() * len(batch)
             correct += (logits.argmax(1) == y).sum()
-        schedule.step()
-        row = {
-            "epoch": epoch + 1,
-            "lr": optimizer.param_groups[0]["lr"],
-            "train_loss": loss_sum.item() / n,
-            "train_accuracy": correct.item() / n,
-            "seconds": time.perf_counter() - started,
-            "images_per_second": n / (time.perf_counter() - started),
-        }
+        seconds = time.perf_counter() - started
+        row = {"epoch": epoch + 1, "train_loss": loss_sum.item() / n, "train_accuracy": correct.item() / n,
+               "seconds": seconds, "images_per_second": n / seconds}
         if test is not None:
             probs = predict(model, test_inputs)
             row["test_accuracy"] = (probs.argmax(1) == test_labels).float().mean().item()
-        rows.append(row)
+        trainer.end_epoch(row)
         bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc=f"{row['train_accuracy']:.3f}",
                         test=f"{row.get('test_accuracy', float('nan')):.3f}")
-        if checkpoint_path:
-            save_torch(checkpoint_path, {
-                "fingerprint": fingerprint, "epoch": epoch + 1, "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state() if device.type == "cuda" else None, "metrics": rows,
-            })
     model.eval()
-    return model, pd.DataFrame(rows)
+    return model, pd.DataFrame(trainer.rows)
 
 
 def add_commands(subparsers) -> None:
