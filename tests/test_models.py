@@ -13,7 +13,8 @@ def test_parameter_counts(arch, params):
 
 
 def test_registry_is_complete():
-    assert set(ARCHITECTURES) == {"resnet20", "resnet18", "vgg16_bn", "tiny"}
+    assert set(ARCHITECTURES) == {"resnet20", "resnet18", "vgg16_bn", "tiny",
+                                  "inception_v3", "resnet50", "efficientnet_lite0"}  # the last three: ImageNet
 
 
 def test_ensemble_averages_logits():
