@@ -1,7 +1,7 @@
 # Two commands do all the set-up on a fresh machine:
 #   make run    create .venv if missing, install the project, run the workflow (config/quick.yaml)
 #   make test   same set-up, then the whole test suite
-# make run ARGS='--configfile my.yaml'   passes extra arguments to snakemake.
+# make run ARGS='...'   passes arguments to snakemake; ARGS='--configfile a.yaml b.yaml' replaces config/quick.yaml.
 VENV   ?= .venv
 PYTHON ?= python3
 CORES  ?= $(shell nproc)
@@ -24,9 +24,13 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/activate
 
 install: $(VENV)/.installed
 
-# Snakemake keeps only the last --configfile option, so config files named in ARGS are appended to
-# $(CONFIG) instead: they are merged over it, in order.
-SNAKEMAKE_ARGS = --configfile $(CONFIG) $(subst --configfiles ,,$(subst --configfile ,,$(ARGS)))
+# As with snakemake itself: config files given in ARGS (`--configfile a.yaml b.yaml`, merged in order over
+# config/config.yaml) replace $(CONFIG); without any, $(CONFIG) is used.
+ifneq ($(filter --configfile --configfiles,$(ARGS)),)
+SNAKEMAKE_ARGS = $(ARGS)
+else
+SNAKEMAKE_ARGS = --configfile $(CONFIG) $(ARGS)
+endif
 
 run: install
 	$(BIN)/snakemake --cores $(CORES) $(SNAKEMAKE_ARGS)

@@ -1,18 +1,12 @@
 # Overinterpretation in image classifiers (Carter et al., NeurIPS 2021), end to end.
 #   snakemake --cores N                              the paper's CIFAR-10 experiment (config/config.yaml)
 #   snakemake --cores N --configfile config/quick.yaml   every stage at reduced scale
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version
 
 min_version("9.0")
 
 
 configfile: "config/config.yaml"
-
-
-validate(config, "workflow/schemas/config.schema.yaml")
-
-
-conda: "envs/overinterp.yaml"
 
 
 report: "workflow/report/workflow.rst"
@@ -30,12 +24,14 @@ include: "workflow/rules/figures.smk"
 include: "workflow/rules/mitigation.smk"
 
 
-if config["imagenet"]["enabled"]:  # the ImageNet half, on the user's own copy (config/imagenet.yaml)
+# The ImageNet half, on the user's own copy (config/imagenet.yaml).
+if config["imagenet"]["enabled"]:
 
+    include: "workflow/rules/imagenet_common.smk"
     include: "workflow/rules/imagenet.smk"
 
 
 rule all:
+    default_target: True
     input:
         all_outputs(),
-    default_target: True

@@ -96,5 +96,5 @@ def test_unexpected_layout(tmp_path):
 
 
 def test_balanced_subset_rejects_uneven_sizes():
-    with pytest.raises(ValueError, match="multiple of the number of classes"):
+    with pytest.raises(DataError, match="multiple of the number of classes"):
         balanced_subset(np.repeat(np.arange(10), 5), 15)

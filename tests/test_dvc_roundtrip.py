@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+import yaml
 
 from conftest import BIN, REPO, job_counts, require_program, source_config
 from overinterp.artifacts import publish, workflow_outputs
@@ -66,10 +67,40 @@ def test_publish_clone_pull_needs_no_rerun(tmp_path, cifar_archive):
     with pytest.raises(DataError, match=r"results/models/tiny-s0/model.pt \(params changed\)"):
         publish(origin, [*args, str(change)])
 
+    # ... files no rule made (a foreign model, a leftover of an interrupted write) ...
+    foreign = [origin / "results/models/someone-else/model.pt", origin / "results/subsets/.random-0.05.npz.x.part"]
+    for path in foreign:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"not ours")
+    with pytest.raises(DataError, match=r"made by no rule.*someone-else/model\.pt.*\.part"):
+        publish(origin, args)
+    for path in foreign:
+        path.unlink()
+    # ... and results of code with uncommitted changes.
+    package = origin / "src/overinterp/__init__.py"
+    package.write_text(package.read_text() + "# a local experiment\n")
+    with pytest.raises(DataError, match=r"uncommitted changes.*src/overinterp/__init__\.py"):
+        publish(origin, args)
+    run(origin, "git", "checkout", "--", "src")
+
+    # People's answers are personal data: they stay here unless publishing them is asked for.
+    responses = origin / "data/humaneval/responses"
+    responses.mkdir(parents=True)
+    (responses / "p1.csv").write_text("participant_id,image_id,response\nalice,0123456789abcdef,cat\n")
     run(origin, *overinterp, "publish", "--", *args)
     published = sorted(p.relative_to(origin).as_posix()[:-4]
                        for p in [origin / "data.dvc", *origin.glob("results/*.dvc")])
     assert {"data", "results/eval", "results/models", "results/retrain", "results/subsets"} <= set(published)
+    data_pointer = yaml.safe_load((origin / "data.dvc").read_text())
+    assert [out["path"] for out in data_pointer["outs"]] == ["data/cifar10/cifar-10-python.tar.gz", "data/cifar10/cifar10.npz"]
+    assert data_pointer["outs"][0]["md5"] == cifar_archive[1]  # the mirror's archive, not the official md5
+    head = run(origin, "git", "rev-parse", "HEAD").stdout.strip()
+    for pointer in [origin / "data.dvc", *origin.glob("results/*.dvc")]:
+        text = pointer.read_text()
+        assert str(tmp_path) not in text and "alice" not in text, pointer  # no local path, no response
+        assert yaml.safe_load(text)["meta"]["source"] == {"commit": head, "uncommitted_changes": False}
+    stored = [p.read_bytes() for p in remote.rglob("*") if p.is_file()]
+    assert stored and not any(b"alice" in blob for blob in stored)
     run(origin, "git", "add", "-A")  # only the pointers and the remote's address: the data stays ignored
     assert run(origin, "git", "diff", "--cached", "--name-only").stdout.split() == [
         ".dvc/config", *(f"{p}.dvc" for p in published)]

@@ -7,6 +7,7 @@ import csv
 import http.server
 import json
 import math
+import os
 import re
 import shutil
 import threading
@@ -21,7 +22,7 @@ from PIL import Image
 from conftest import require_program
 from overinterp.cli import main
 from overinterp.data import CIFAR10_MEAN, load_split
-from overinterp.humaneval import CONDITIONS, ResponseError, read_key, score, wilson_interval
+from overinterp.humaneval import CONDITIONS, ResponseError, neutralize_formulas, read_key, score, wilson_interval
 from overinterp.subsets import random_keep, save_keep_masks
 
 COUNTS = {"bs": 20, "random": 20, "full": 10}
@@ -41,17 +42,20 @@ def masks(cifar_npz, tmp_path_factory) -> dict[str, Path]:
     return paths
 
 
-def build_study(npz: Path, masks: dict[str, Path], out: Path, post_url: str | None = None) -> dict[str, Path]:
+def build_study(npz: Path, masks: dict[str, Path], out: Path, post_url: str | None = None,
+                reproduce: Path | None = None) -> dict[str, Path]:
     paths = {"bundle": out / "study", "zip": out / "study.zip", "key": out / "answer_key.csv",
              "manifest": out / "manifest.csv"}
     args = ["humaneval", "build", "--data", str(npz), "--bs-masks", str(masks["bs"]),
-            "--random-masks", str(masks["random"]), "--id-seed", "7", "--display-size", "192"]
+            "--random-masks", str(masks["random"]), "--display-size", "192"]
     for i, (name, count) in enumerate(COUNTS.items()):
         args += [f"--{name}-count", str(count), f"--{name}-seed", str(100 + i)]
     for name, path in paths.items():
         args += [f"--{name}", str(path)]
     if post_url:
         args += ["--post-url", post_url]
+    if reproduce:
+        args += ["--reproduce", str(reproduce)]
     assert main(args) == 0
     return paths
 
@@ -184,28 +188,144 @@ def label_changes(ids: list[str], key: pd.DataFrame) -> int:
 
 def test_answers_play_no_part_in_the_bundle_text(study, cifar_npz, masks, receiver, tmp_path):
     """Relabel every test image and rebuild: the page's text and file names stay byte for byte the same
-    (only the content-derived study id changes), so nothing in them can depend on the answers."""
+    once the random ids and the content-derived study id are blanked out, so nothing in them can depend
+    on the answers."""
     arrays = dict(np.load(cifar_npz))
     arrays["test_labels"] = (arrays["test_labels"] + 3) % 10
     relabelled = tmp_path / "relabelled.npz"
     np.savez(relabelled, **arrays)
     other = build_study(relabelled, masks, tmp_path / "other", post_url=receiver[0])
-    old_id, new_id = (read_key(s["key"])["study"].iloc[0] for s in (study, other))
-    names = sorted(p.relative_to(study["bundle"]) for p in study["bundle"].rglob("*"))
-    assert names == sorted(p.relative_to(other["bundle"]) for p in other["bundle"].rglob("*"))
+
+    def blank(text: str, built: dict[str, Path]) -> str:
+        key = read_key(built["key"])
+        for token in [key["study"].iloc[0], *key["image_id"]]:
+            text = text.replace(token, "ID")
+        return text
+
+    names = [sorted(blank(str(p.relative_to(s["bundle"])), s) for p in s["bundle"].rglob("*")) for s in (study, other)]
+    assert names[0] == names[1]
     for name in ("index.html", "study.js", "study.css", "study-data.js"):
-        assert (study["bundle"] / name).read_text().replace(old_id, "") == (other["bundle"] / name).read_text().replace(new_id, "")
-    assert study["manifest"].read_text().replace(old_id, "") == other["manifest"].read_text().replace(new_id, "")
+        assert blank((study["bundle"] / name).read_text(), study) == blank((other["bundle"] / name).read_text(), other)
+    assert blank(study["manifest"].read_text(), study) == blank(other["manifest"].read_text(), other)
     # Neither the ids' order nor the manifest's groups images by class.
     key = read_key(study["key"])
     assert label_changes(sorted(key["image_id"]), key) > 0.6 * (len(key) - 1)
     assert label_changes(list(pd.read_csv(study["manifest"], dtype=str)["image_id"]), key) > 0.6 * (len(key) - 1)
 
 
-def test_build_is_reproducible(study, cifar_npz, masks, tmp_path, receiver):
-    again = build_study(cifar_npz, masks, tmp_path, post_url=receiver[0])
+def test_a_rebuild_gets_new_ids_unless_given_the_answer_key(study, cifar_npz, masks, tmp_path, receiver):
+    fresh = build_study(cifar_npz, masks, tmp_path / "fresh", post_url=receiver[0])
+    old, new = read_key(study["key"]), read_key(fresh["key"])
+    assert not set(old["image_id"]) & set(new["image_id"])  # same settings, no id in common
+    columns = ["condition", "source_index", "label"]  # the same images were drawn
+    assert old.sort_values(columns)[columns].reset_index(drop=True).equals(new.sort_values(columns)[columns].reset_index(drop=True))
+    again = build_study(cifar_npz, masks, tmp_path / "again", post_url=receiver[0], reproduce=study["key"])
     for name in ("zip", "key", "manifest"):
         assert again[name].read_bytes() == study[name].read_bytes(), name
+    other_masks = dict(masks, random=masks["bs"])  # a key of another study is refused, naming it
+    with pytest.raises(AssertionError):
+        build_study(cifar_npz, other_masks, tmp_path / "x", reproduce=tmp_path / "missing.csv")
+
+
+def attacker_guesses(study: dict[str, Path], counts: dict[str, int]) -> dict[str, dict[str, str]]:
+    """Every attack on the conditions that needs only what a participant has besides the pictures' pixels:
+    the config (counts, seeds), the public test set and the bundle. Returns attack -> image id -> guess."""
+    folder, manifest = study["bundle"], pd.read_csv(study["manifest"], dtype=str)
+    payload = json.loads((folder / "study-data.js").read_text().removeprefix("window.STUDY_DATA = ").rstrip().rstrip(";"))
+    items = payload["items"]
+    in_key_order = [c for c, n in counts.items() for _ in range(n)]  # how the builder lists the conditions
+    guesses = {}
+    # 1. Regenerate the ids from seeds (the config's, or any small one), as the seeded ids once allowed.
+    for seed in range(2000):
+        rng = np.random.default_rng(seed)
+        candidates = [rng.bytes(8).hex() for _ in items]
+        if set(candidates) & set(items):
+            guesses["seeded ids"] = {i: in_key_order[candidates.index(i)] for i in items if i in candidates}
+            break
+    # 2. Order: the page's list, the manifest's, and the file system's listing, read as the builder's order.
+    guesses["page order"] = dict(zip(items, in_key_order))
+    guesses["manifest order"] = dict(zip(manifest["image_id"], in_key_order))
+    listing = [Path(p.name).stem for p in os.scandir(folder / "images")]
+    guesses["directory order"] = dict(zip(listing, in_key_order))
+    # 3. File sizes, in the folder and in the zip: the largest files as full images, the rest as subsets.
+    def by_size(sizes):
+        ranked = sorted(sizes, key=lambda i: (-sizes[i], i))
+        return {i: "full" if r < counts["full"] else "bs" for r, i in enumerate(ranked)}
+    guesses["file size"] = by_size({i: (folder / "images" / f"{i}.png").stat().st_size for i in items})
+    with zipfile.ZipFile(study["zip"]) as archive:
+        guesses["zip size"] = by_size({Path(z.filename).stem: z.compress_size for z in archive.infolist()
+                                       if z.filename.endswith(".png")})
+    return guesses
+
+
+def test_an_attacker_with_the_config_and_the_bundle_does_no_better_than_chance(study):
+    from scipy.stats import binomtest
+
+    key = read_key(study["key"]).set_index("image_id")
+    guesses = attacker_guesses(study, COUNTS)
+    assert "seeded ids" not in guesses  # no seed regenerates a single id
+    sizes = {(study["bundle"] / "images" / f"{i}.png").stat().st_size for i in key.index}
+    assert len(sizes) == 1  # every picture has the same file size
+    with zipfile.ZipFile(study["zip"]) as archive:
+        assert len({z.compress_size for z in archive.infolist() if z.filename.endswith(".png")}) == 1
+    # Against a guess that knows only the counts, no attack is better (one-sided binomial test at 0.1% for
+    # each attack); the best blind guess is the largest condition everywhere. Each attack's expected hit
+    # rate on random ids is below that guess's, so a correct build fails this far less than once in 1,000.
+    chance = max(COUNTS.values()) / len(key)
+    for attack, guess in guesses.items():
+        hits = sum(key.loc[i, "condition"] == g for i, g in guess.items())
+        p = binomtest(hits, len(guess), chance, alternative="greater").pvalue
+        assert p > 0.001, f"{attack}: {hits} of {len(guess)} conditions recovered (chance {chance:.2f}), p = {p:.2g}"
+
+
+def test_the_seeded_builder_of_earlier_versions_is_caught_by_the_attacker(study, tmp_path):
+    """The attacker test can fail: give the bundle ids from a seed, in the builder's key order, as the
+    earlier builder did, and compressed pictures; the seed and the sizes give the conditions away."""
+    key = read_key(study["key"])
+    order = {c: i for i, c in enumerate(COUNTS)}
+    key = key.assign(_o=key["condition"].map(order)).sort_values(["_o", "source_index"])
+    rng = np.random.default_rng(104)
+    seeded = dict(zip(key["image_id"], (rng.bytes(8).hex() for _ in range(len(key)))))
+    forged = {"bundle": tmp_path / "study", "zip": tmp_path / "study.zip", "manifest": tmp_path / "manifest.csv"}
+    (forged["bundle"] / "images").mkdir(parents=True)
+    payload = json.loads((study["bundle"] / "study-data.js").read_text().removeprefix("window.STUDY_DATA = ").rstrip().rstrip(";"))
+    payload["items"] = sorted(seeded.values())
+    (forged["bundle"] / "study-data.js").write_text(f"window.STUDY_DATA = {json.dumps(payload)};\n")
+    with zipfile.ZipFile(forged["zip"], "w", zipfile.ZIP_DEFLATED) as archive:
+        for old, new in seeded.items():
+            picture = Image.open(study["bundle"] / "images" / f"{old}.png")
+            picture.save(forged["bundle"] / "images" / f"{new}.png", optimize=True)
+            archive.write(forged["bundle"] / "images" / f"{new}.png", f"study/images/{new}.png")
+    pd.DataFrame({"image_id": sorted(seeded.values())}).to_csv(forged["manifest"], index=False)
+    guesses = attacker_guesses(forged, COUNTS)
+    truth = dict(zip(seeded.values(), key["condition"]))
+    assert all(truth[i] == g for i, g in guesses["seeded ids"].items()) and len(guesses["seeded ids"]) == len(key)
+    assert [truth[i] for i, g in guesses["file size"].items() if g == "full"] == ["full"] * COUNTS["full"]
+
+
+def test_a_full_disk_leaves_the_old_study_whole(study, cifar_npz, masks, tmp_path):
+    """A build that cannot finish writing (a file-size limit, as a full disk would) replaces nothing:
+    the old bundle, zip, key and manifest still belong together and no temporary file is left."""
+    import resource
+    import subprocess
+    import sys
+
+    work = tmp_path / "w"
+    shutil.copytree(study["bundle"].parent, work)
+    before = {p.relative_to(work): p.read_bytes() for p in work.rglob("*") if p.is_file()}
+    args = [sys.executable, "-m", "overinterp", "humaneval", "build", "--data", str(cifar_npz),
+            "--bs-masks", str(masks["bs"]), "--random-masks", str(masks["random"])]
+    for i, (name, count) in enumerate(COUNTS.items()):
+        args += [f"--{name}-count", str(count), f"--{name}-seed", str(100 + i)]
+    args += ["--bundle", str(work / "study"), "--zip", str(work / "study.zip"), "--key", str(work / "answer_key.csv"),
+             "--manifest", str(work / "manifest.csv")]
+    zip_size = (work / "study.zip").stat().st_size  # larger than any other file the build writes
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (zip_size // 2, zip_size // 2))  # noqa: E731
+    result = subprocess.run(args, capture_output=True, text=True, preexec_fn=limit)
+    assert result.returncode == 2 and "File too large" in result.stderr and "Traceback" not in result.stderr
+    after = {p.relative_to(work): p.read_bytes() for p in work.rglob("*") if p.is_file()}
+    assert after == before  # nothing replaced, nothing added
+    assert not [p for p in work.rglob("*") if p.name.startswith(".")]
 
 
 def test_build_refuses_a_key_inside_the_bundle_and_too_few_images(cifar_npz, masks, tmp_path, capsys):
@@ -409,6 +529,7 @@ def good_rows(key: pd.DataFrame, participant: str = "p1") -> list[list]:
     (lambda rows, key: rows.__setitem__(3, ["other", *rows[3][1:]]), r":5: answers study 'other'"),
     (lambda rows, key: rows.__setitem__(5, rows[5][:2] + ["x"] + rows[5][3:]), r":7: trial 'x' is not a number"),
     (lambda rows, key: rows.__setitem__(6, [rows[6][0], " ", *rows[6][2:]]), r":8: empty participant_id"),
+    (lambda rows, key: rows.__setitem__(7, [rows[7][0], "p" * 5000, *rows[7][2:]]), r":9: field 2 is 5000 characters long"),
 ])
 def test_bad_response_files_name_the_file_and_line(study, cifar_npz, tmp_path, damage, message):
     key = read_key(study["key"])
@@ -419,6 +540,49 @@ def test_bad_response_files_name_the_file_and_line(study, cifar_npz, tmp_path, d
     outputs = [str(tmp_path / n) for n in ("t.csv", "p.csv", "f")]
     with pytest.raises(ResponseError, match=re.escape(str(path)) + message):
         score(str(study["key"]), [str(path)], classes, 0.8, [], *outputs)
+
+
+def test_non_utf8_and_huge_fields_name_the_file_and_line(study, cifar_npz, tmp_path):
+    key = read_key(study["key"])
+    classes = load_split(cifar_npz, "test", 10).classes
+    outputs = [str(tmp_path / n) for n in ("t.csv", "p.csv", "f")]
+    good = write_responses(tmp_path / "latin1.csv", good_rows(key, participant="p1")).read_bytes().splitlines(True)
+    good[3] = good[3].replace(b"p1", "pé".encode("latin-1"))  # one participant id written in Latin-1
+    (tmp_path / "latin1.csv").write_bytes(b"".join(good))
+    with pytest.raises(ResponseError, match=r"latin1\.csv:4: not UTF-8 text \(byte 0xe9"):
+        score(str(study["key"]), [str(tmp_path / "latin1.csv")], classes, 0.8, [], *outputs)
+    lines = (tmp_path / "latin1.csv").read_bytes().splitlines(True)
+    lines[2] = b'"' + b"x" * 200_000 + b'"\n'  # beyond the csv module's own field limit
+    (tmp_path / "huge.csv").write_bytes(b"".join(lines[:3]))
+    with pytest.raises(ResponseError, match=r"huge\.csv:3: unreadable CSV \(field larger than field limit"):
+        score(str(study["key"]), [str(tmp_path / "huge.csv")], classes, 0.8, [], *outputs)
+
+
+def test_participant_ids_cannot_inject_spreadsheet_formulas(study, cifar_npz, tmp_path):
+    key = read_key(study["key"])
+    classes = load_split(cifar_npz, "test", 10).classes
+    outputs = [tmp_path / n for n in ("t.csv", "p.csv", "f")]
+    evil = ["=HYPERLINK(\"http://x\")", "+1+1", "-2+3", "@SUM(A1)", "\t=cmd|' /C calc'!A0"]
+    files = [write_responses(tmp_path / f"r{i}.csv", good_rows(key, participant=pid)) for i, pid in enumerate(evil)]
+    score(str(study["key"]), list(map(str, files)), classes, 0.8, [], *map(str, outputs))
+    with open(outputs[1], newline="") as handle:
+        ids = [row["participant_id"] for row in csv.DictReader(handle)]
+    assert sorted(ids) == sorted("'" + pid.strip() for pid in evil)  # ids are compared stripped
+    cells = pd.DataFrame({"text": ["\tx", "\rx", "ok", "-", None], "n": [-1, 2, 3, 4, 5]})
+    assert neutralize_formulas(cells)["text"].tolist()[:4] == ["'\tx", "'\rx", "ok", "'-"]
+    assert neutralize_formulas(cells)["n"].tolist() == [-1, 2, 3, 4, 5]  # numbers stay numbers
+    for path in outputs[:2]:
+        with open(path, newline="") as handle:
+            cells = [cell for row in csv.reader(handle) for cell in row]
+        assert not [c for c in cells if c[:1] in ("=", "+", "@", "\t", "\r") or c.startswith("-") and not is_number(c)]
+
+
+def is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def test_missing_columns_empty_files_and_duplicates_across_files_are_errors(study, cifar_npz, tmp_path):

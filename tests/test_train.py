@@ -55,7 +55,7 @@ def test_killed_training_resumes_to_identical_weights(cifar_npz, tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    epoch_at_kill = torch.load(killed / "ckpt.pt", weights_only=False)["epoch"]
+    epoch_at_kill = torch.load(killed / "ckpt.pt", weights_only=True)["epoch"]
     assert epoch_at_kill < 4 and not (killed / "model.pt").exists()
     resumed = subprocess.run(train_command(cifar_npz, killed), check=True, capture_output=True, text=True)
     assert f"after epoch {epoch_at_kill}" in resumed.stderr

@@ -5,14 +5,13 @@ was evaluated), so the tables are a group-by over whatever summaries the workflo
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 
-from .utils import atomic_path, save_dataframe
+from .utils import atomic_path, load_json, save_dataframe
 
 # How each condition is named in the tables, in display order.
 CONDITIONS = {
@@ -26,7 +25,7 @@ CONDITIONS = {
 
 
 def read_summaries(paths) -> pd.DataFrame:
-    return pd.DataFrame([json.loads(Path(p).read_text()) for p in paths])
+    return pd.DataFrame([load_json(p) for p in paths])
 
 
 def _mean_std(group: pd.DataFrame, column: str):
@@ -49,6 +48,7 @@ def comparison_table(summaries: pd.DataFrame) -> pd.DataFrame:
             "accuracy_mean": acc_mean,
             "accuracy_std": acc_std,
             "replicates": len(group),
+            "test_images": int(group["n"].max()) if "n" in group else np.nan,  # as evaluated, not as configured
             "mean_confidence": _mean_std(group, "mean_confidence")[0],
             "agreement_with_selecting_model": _mean_std(group, "agreement")[0],
             "agreement_on_its_errors": _mean_std(group, "agreement_on_reference_errors")[0],

@@ -1,9 +1,13 @@
 """Share the expensive artifacts through DVC: ``overinterp publish`` and ``overinterp pull``.
 
-publish: ``dvc add`` the dataset folder and the heavy result folders that exist (one ``.dvc`` file
-each), copy Snakemake's metadata record of every tracked workflow output into that ``.dvc`` file's
-``meta`` field (DVC keeps ``meta`` untouched), and ``dvc push``. It refuses outputs Snakemake would
-rebuild, so a remote never holds results that disagree with the committed workflow.
+publish: track the dataset (``data.dvc``, committed with the official archive's md5 and size, gets the
+converted dataset file beside it) and the heavy result folders that exist (``dvc add``, one ``.dvc``
+file each), copy Snakemake's metadata record of every tracked workflow output into that ``.dvc`` file's
+``meta`` field (DVC keeps ``meta`` untouched) with the git commit of the code, and ``dvc push``. It
+refuses outputs Snakemake would rebuild, files no rule made (a foreign model, a leftover ``.part``) and
+code with uncommitted changes, so a remote never holds results that disagree with a committed workflow;
+``force`` overrides the last two. The human-evaluation responses (personal data) are published only when
+asked for. No absolute local path goes into a ``.dvc`` file.
 
 pull: ``dvc pull``, then make the checkout consistent for Snakemake:
 1. restore the publisher's metadata records into ``.snakemake/metadata``, so the params, code, input
@@ -24,11 +28,18 @@ from pathlib import Path
 
 import yaml
 
-from .data import DataError
+from .utils import DataError
 
 log = logging.getLogger(__name__)
 
 DATA_DIR = "data"
+DATA_POINTER = "data.dvc"
+# What data.dvc tracks: the archive (committed with its official md5), and the converted dataset, which
+# publish adds so that a pull needs no conversion (a new dataset file would make every result stale).
+DATA_FILES = ("data/cifar10/cifar-10-python.tar.gz", "data/cifar10/cifar10.npz")
+RESPONSES_DIR = "data/humaneval/responses"  # people's answers: never published unless asked for
+# The code whose uncommitted changes would make published results disagree with every commit.
+CODE_PATHS = ("Snakefile", "workflow", "src", "config", "envs", "profiles", "pyproject.toml")
 # Folders of results, each published as a whole: results/<name>/, and results/imagenet/<name>/ for the
 # ImageNet half of the study.
 RESULT_ROOTS = ("results", "results/imagenet")
@@ -70,7 +81,45 @@ def _files_under(root: Path, folder: str) -> list[str]:
 
 
 def _dvc_file(root: Path, folder: str) -> Path:
-    return root / f"{folder}.dvc"
+    return root / (DATA_POINTER if folder == DATA_DIR else f"{folder}.dvc")
+
+
+def _source_commit(root: Path, force: bool) -> dict:
+    """The git commit the results were made with; uncommitted changes to the code are refused."""
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, text=True, capture_output=True)
+    if head.returncode != 0:
+        if force:
+            return {"commit": None, "uncommitted_changes": True}
+        raise DataError(f"{root} is not a git checkout with a commit, so the results cannot name the code that "
+                        "made them; commit the workflow first (or pass --force)")
+    changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all", "--", *CODE_PATHS],
+                             cwd=root, text=True, capture_output=True, check=True).stdout.splitlines()
+    if changed and not force:
+        raise DataError("the workflow or package has uncommitted changes, so no commit made these results: "
+                        + ", ".join(line[3:] for line in changed[:8]) + (" ..." if len(changed) > 8 else "")
+                        + ". Commit them (and rerun what they change) first, or pass --force")
+    return {"commit": head.stdout.strip(), "uncommitted_changes": bool(changed)}
+
+
+def _relative(value, root: Path):
+    """``value`` with this checkout's absolute path made relative, at any depth."""
+    if isinstance(value, str):
+        return value.replace(f"{root}/", "").replace(str(root), ".")
+    if isinstance(value, dict):
+        return {k: _relative(v, root) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_relative(v, root) for v in value]
+    return value
+
+
+def _track_data(root: Path, files: list[str]) -> None:
+    """data.dvc lists ``files`` (md5 entries of unchanged paths kept); ``dvc commit`` hashes and caches them."""
+    pointer = root / DATA_POINTER
+    stage = yaml.safe_load(pointer.read_text()) if pointer.exists() else {}
+    known = {out["path"]: out for out in stage.get("outs", [])}
+    stage["outs"] = [known.get(f, {"path": f, "hash": "md5"}) for f in files]
+    pointer.write_text(yaml.safe_dump(stage, sort_keys=False))
+    _run(_dvc("commit", "--force", "--quiet", DATA_POINTER), root)
 
 
 def _persistence(root: Path):
@@ -108,12 +157,14 @@ def _folder_of(path: str) -> str | None:
     return None
 
 
-def publish(root: Path, snakemake_args: list[str], remote: str | None = None) -> list[Path]:
-    """Track data/, the heavy result folders and every folder they were computed from with DVC, record
-    their provenance, push; returns the .dvc files."""
+def publish(root: Path, snakemake_args: list[str], remote: str | None = None, force: bool = False,
+            include_responses: bool = False) -> list[Path]:
+    """Track the dataset, the heavy result folders and every folder they were computed from with DVC,
+    record their provenance, push; returns the .dvc files."""
     folders = {f for f in (DATA_DIR, *HEAVY_DIRS) if (root / f).is_dir()}
     if not folders & set(HEAVY_DIRS):
         raise DataError(f"nothing to publish: none of {', '.join(HEAVY_DIRS)} exists; run the workflow first")
+    source = _source_commit(root, force)
     _check_remote(root, remote)
     outputs = workflow_outputs(root, snakemake_args)
     persistence = _persistence(root)
@@ -134,6 +185,14 @@ def publish(root: Path, snakemake_args: list[str], remote: str | None = None) ->
                     pending.append(folder)
     folders = sorted(folders)
     files = {folder: _files_under(root, folder) for folder in folders}
+    if DATA_DIR in files:
+        responses = [f for f in files[DATA_DIR] if f.startswith(RESPONSES_DIR + "/")] if include_responses else []
+        files[DATA_DIR] = [f for f in DATA_FILES if (root / f).is_file()] + responses
+    unknown = [f for folder, fs in files.items() if folder != DATA_DIR for f in fs if f not in outputs]
+    if unknown and not force:
+        raise DataError("these files were made by no rule of the workflow, so they are not published: "
+                        + ", ".join(unknown[:10]) + (" ..." if len(unknown) > 10 else "")
+                        + "; remove them (leftovers of interrupted jobs, files of other runs) or pass --force")
     stale = [f"{f} ({_reason(outputs[f][0])})" for fs in files.values() for f in fs
              if f in outputs and outputs[f][1] != "no update"]
     if stale:
@@ -145,11 +204,17 @@ def publish(root: Path, snakemake_args: list[str], remote: str | None = None) ->
         log.warning("no Snakemake metadata for %d outputs (e.g. %s); after a pull only their modification "
                     "times are checked", len(unrecorded), unrecorded[0])
 
-    _run(_dvc("add", "--quiet", *folders), root)
+    if DATA_DIR in files:
+        _track_data(root, files[DATA_DIR])
+    results = [folder for folder in folders if folder != DATA_DIR]
+    if results:
+        _run(_dvc("add", "--quiet", *results), root)
     dvc_files = [_dvc_file(root, folder) for folder in folders]
     for folder, dvc_file in zip(folders, dvc_files):
         stage = yaml.safe_load(dvc_file.read_text())
-        stage.setdefault("meta", {})[META_KEY] = {f: records[f] for f in files[folder] if f in records}
+        meta = stage.setdefault("meta", {})
+        meta[META_KEY] = _relative({f: records[f] for f in files[folder] if f in records}, root)
+        meta["source"] = source
         dvc_file.write_text(yaml.safe_dump(stage, sort_keys=False))
     _run(_dvc("push", *(["--remote", remote] if remote else []), *map(str, dvc_files)), root)
     print("Published " + ", ".join(folders) + ". Commit the pointers: git add "
@@ -170,8 +235,11 @@ def pull(root: Path, snakemake_args: list[str], remote: str | None = None) -> di
 
     pulled = []
     for dvc_file in dvc_files:
-        pulled += _files_under(root, dvc_file.with_suffix("").relative_to(root).as_posix())
-        records = (yaml.safe_load(dvc_file.read_text()).get("meta") or {}).get(META_KEY) or {}
+        stage = yaml.safe_load(dvc_file.read_text())
+        for out in stage.get("outs", []):
+            path = (dvc_file.parent / out["path"]).relative_to(root).as_posix()
+            pulled += _files_under(root, path) if (root / path).is_dir() else [path]
+        records = (stage.get("meta") or {}).get(META_KEY) or {}
         for name, record in records.items():
             persistence._write_record(name, MetadataRecord.model_validate(record))
             persistence._unmark_incomplete(name)
@@ -197,11 +265,16 @@ def add_commands(subparsers) -> None:
     import argparse
 
     for name, func, text in (
-        ("publish", publish, "track data/ and the heavy results with DVC and push them to the remote"),
+        ("publish", publish, "track the dataset and the heavy results with DVC and push them to the remote"),
         ("pull", pull, "pull published artifacts and mark them up to date for Snakemake"),
     ):
         p = subparsers.add_parser(name, help=text, description=text + ". Run in the workflow's root folder.")
         p.add_argument("--remote", help="DVC remote (default: the project's default remote)")
+        if name == "publish":
+            p.add_argument("--force", action="store_true",
+                           help="publish even with uncommitted code changes or files no rule made")
+            p.add_argument("--include-responses", action="store_true",
+                           help=f"also publish the study's responses ({RESPONSES_DIR}/: personal data)")
         p.add_argument("snakemake_args", nargs=argparse.REMAINDER,
                        help="after --: the workflow's snakemake arguments, e.g. -- --configfile config/quick.yaml")
         p.set_defaults(handler=partial(_handle, func))
@@ -209,5 +282,6 @@ def add_commands(subparsers) -> None:
 
 def _handle(func, args) -> int:
     snakemake_args = args.snakemake_args[1:] if args.snakemake_args[:1] == ["--"] else args.snakemake_args
-    func(Path.cwd(), snakemake_args, args.remote)
+    options = {"force": args.force, "include_responses": args.include_responses} if func is publish else {}
+    func(Path.cwd(), snakemake_args, args.remote, **options)
     return 0

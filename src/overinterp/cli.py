@@ -10,7 +10,7 @@ import importlib
 import logging
 import sys
 
-from .data import DataError
+from .utils import DataError
 
 COMMAND_MODULES = (
     "overinterp.data_commands",
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         result = args.handler(args)
-    except (DataError, ValueError, FileNotFoundError) as err:
+    except (DataError, ValueError, OSError) as err:  # OSError: a full disk, a missing or unreadable file
         print(f"overinterp {args.command}: error: {err}", file=sys.stderr)
         return 2
     return int(result or 0)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .utils import atomic_path, load_npz, save_npz
+from .utils import DataError, atomic_path, load_npz, save_npz
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -24,13 +24,9 @@ ARCHIVE_DIR = "cifar-10-batches-py"
 TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
 MIRROR_HINT = (
     "Point `cifar10.url` at a reachable copy (an http(s):// mirror or a file:// path to "
-    "cifar-10-python.tar.gz) and set `cifar10.md5` to that archive's md5, e.g. "
+    "cifar-10-python.tar.gz) and, if it is a different build, set `cifar10.md5` to its verified md5, e.g. "
     "`--config cifar10='{url: file:///path/cifar-10-python.tar.gz, md5: <md5>}'` or a --configfile."
 )
-
-
-class DataError(RuntimeError):
-    """A dataset problem the user can fix; the message says what and how."""
 
 
 def md5sum(path: Path, chunk: int = 1 << 20) -> str:
@@ -65,14 +61,35 @@ def download(url: str, dest: str | Path, md5: str, timeout: float = 60.0) -> Pat
                 f"Download of {url} is truncated: got {received} of {expected_size} bytes. "
                 f"Rerun to try again; nothing was kept. {MIRROR_HINT}"
             )
-        got = digest.hexdigest()
-        if got != md5.lower():
+        if digest.hexdigest() != md5.lower():
             raise DataError(
-                f"Checksum mismatch for {url}: expected md5 {md5}, got {got} ({received} bytes). "
-                "The file is corrupt, truncated or a different archive; nothing was kept. "
-                f"If it is a trusted mirror of a different build, set `cifar10.md5: {got}`. {MIRROR_HINT}"
+                f"Checksum mismatch for {url}: it is not the archive with md5 {md5} ({received} bytes received); "
+                "nothing was kept. The file is corrupt, truncated, or a different archive. Do not simply "
+                "configure the checksum of what arrived: verify the source first (the publisher's checksum, or "
+                "`md5sum` of a copy you trust), then set `cifar10.md5` to that verified value."
             )
     return dest
+
+
+class ForbiddenPickle(pickle.UnpicklingError):
+    """A pickle that names a callable outside the few a CIFAR-10 batch file uses."""
+
+
+class BatchUnpickler(pickle.Unpickler):
+    """Unpickles only what the official batch files hold: dicts, lists, str/bytes, numbers and numpy
+    arrays. Any other global (``os.system``, ``builtins.eval``, ...) is refused before it is looked up,
+    so a crafted archive cannot run code however its checksum was configured."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("_codecs", "encode"),  # how protocol 2 stores bytes when Python 3 wrote the file (a rebuilt archive)
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise ForbiddenPickle(f"{module}.{name}")
+        return super().find_class(module, name)
 
 
 def _read_batch(tar: tarfile.TarFile, name: str, archive: Path) -> dict:
@@ -85,8 +102,12 @@ def _read_batch(tar: tarfile.TarFile, name: str, archive: Path) -> dict:
             f"Expected the official cifar-10-python.tar.gz. {MIRROR_HINT}"
         ) from None
     try:
-        return pickle.load(handle, encoding="bytes")
-    except Exception as err:  # any unpickling failure means a damaged member
+        return BatchUnpickler(handle, encoding="bytes").load()
+    except ForbiddenPickle as err:
+        raise DataError(
+            f"{archive}: member {member!r} was refused unread: it asks to run {err}, which no CIFAR-10 batch "
+            "does. The archive is not the official one; delete it and get it from a source you trust.") from None
+    except Exception as err:  # any other unpickling failure means a damaged member
         raise DataError(f"{archive}: member {member!r} is unreadable ({err}). Delete the archive and download it again.") from err
 
 
@@ -138,16 +159,51 @@ class Split:
         return len(self.labels)
 
 
-def balanced_subset(labels: np.ndarray, size: int | None) -> np.ndarray:
-    """Indices of the first ``size // classes`` images of each class (all when size is None), sorted."""
-    if size is None or size >= len(labels):
+def balanced_subset(labels: np.ndarray, size: int | None, what: str = "the split") -> np.ndarray:
+    """Indices of the first ``size // classes`` images of each class (all when size is None), sorted.
+    A split too small for ``size`` is refused rather than used as it is."""
+    if size is None:
         return np.arange(len(labels))
     num_classes = int(labels.max()) + 1
     if size % num_classes:
-        raise ValueError(f"subset size {size} must be a multiple of the number of classes ({num_classes})")
+        raise DataError(f"subset size {size} of {what} must be a multiple of the number of classes ({num_classes})")
     per_class = size // num_classes
+    counts = np.bincount(labels, minlength=num_classes)
+    if size > len(labels) or counts.min() < per_class:
+        raise DataError(
+            f"{what} has {len(labels)} images ({counts.min()} in its smallest class) but a class-balanced subset "
+            f"of {size} ({per_class} per class) was asked for. Lower dataset.train_size/test_size to at most "
+            f"{counts.min() * num_classes}, or set it to null to use every image.")
     picks = [np.flatnonzero(labels == c)[:per_class] for c in range(num_classes)]
     return np.sort(np.concatenate(picks))
+
+
+DATASET_ARRAYS = ("train_images", "train_labels", "test_images", "test_labels", "classes")
+IMAGE_SHAPE = (3, 32, 32)  # what `convert` writes: CIFAR-10 as uint8 NCHW
+
+
+def validate_dataset(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """The converted dataset file as `convert` writes it; anything else names the array and the problem."""
+    def bad(name, problem):
+        return DataError(f"{path}: array {name!r} {problem}. It is not a dataset file that `overinterp convert` "
+                         "wrote; delete it and rerun the data rules (or `overinterp convert`).")
+
+    classes = arrays["classes"]
+    if classes.ndim != 1 or classes.dtype.kind not in "US" or len(classes) < 2:
+        raise bad("classes", f"should be a 1-D array of class names, has shape {classes.shape} and dtype {classes.dtype}")
+    for split in ("train", "test"):
+        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        if images.dtype != np.uint8:
+            raise bad(f"{split}_images", f"has dtype {images.dtype}, expected uint8 pixel values 0..255")
+        if images.ndim != 4 or images.shape[1:] != IMAGE_SHAPE:
+            raise bad(f"{split}_images", f"has shape {images.shape}, expected (N, {', '.join(map(str, IMAGE_SHAPE))})")
+        if labels.ndim != 1 or labels.dtype.kind not in "iu":
+            raise bad(f"{split}_labels", f"should be 1-D integer labels, has shape {labels.shape} and dtype {labels.dtype}")
+        if len(labels) != len(images):
+            raise bad(f"{split}_labels", f"has {len(labels)} labels for {len(images)} images in {split}_images")
+        if len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
+            raise bad(f"{split}_labels", f"has labels {labels.min()}..{labels.max()} outside 0..{len(classes) - 1}, "
+                                         f"the {len(classes)} classes")
 
 
 def load_split(path: str | Path, split: str, size: int | None = None) -> Split:
@@ -157,9 +213,10 @@ def load_split(path: str | Path, split: str, size: int | None = None) -> Split:
     path = Path(path)
     if not path.exists():
         raise DataError(f"Dataset file {path} is missing. Run the workflow's data rules (or `dvc pull`).")
-    arrays = load_npz(path)
+    arrays = load_npz(path, required=DATASET_ARRAYS)
+    validate_dataset(path, arrays)
     labels = arrays[f"{split}_labels"].astype(np.int64)
-    index = balanced_subset(labels, size)
+    index = balanced_subset(labels, size, f"the {split} split of {path}")
     return Split(
         images=torch.from_numpy(arrays[f"{split}_images"][index]),
         labels=torch.from_numpy(labels[index]),

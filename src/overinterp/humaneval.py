@@ -2,9 +2,16 @@
 
 ``build`` writes a self-contained static folder (and a zip of it): ``index.html``, ``study.js``,
 ``study.css``, ``study-data.js`` (the study id, the class names offered as choices and the opaque image
-ids, nothing else) and ``images/<id>.png`` (32x32, no metadata chunks). It works from ``file://`` and
-any static host. The answer key (image id -> condition, class, source image) and a manifest for crowd
-platforms are written outside the folder.
+ids, nothing else) and ``images/<id>.png`` (32x32, no metadata chunks, stored uncompressed so that every
+picture has the same file size). It works from ``file://`` and any static host. The answer key (image id
+-> condition, class, source image) and a manifest for crowd platforms are written outside the folder.
+
+The image ids come from the operating system's cryptographic random source at build time and exist only
+in the answer key: nothing in the configuration, the data or a seed determines them, so knowing all of
+those does not map a picture to its condition or class. A rebuild therefore gives new ids, unless the
+answer key is passed back in (``--reproduce``) to rebuild that very study. What remains is the honest
+limit of any study on a public dataset: a picture's kept pixels are pixels of a public test image, so
+matching them against the test set reveals its class (see the README).
 
 ``score`` validates response files (the page's CSV), excludes participants who fail the attention checks
 (full images), and reports human accuracy per condition with Wilson 95% intervals next to the models'
@@ -13,11 +20,14 @@ accuracy on the very same images, as a CSV and a figure.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import hashlib
+import io
 import json
 import logging
 import os
+import secrets
 import shutil
 import tempfile
 import zipfile
@@ -31,7 +41,7 @@ import torch
 from PIL import Image
 
 from .data import Normalizer, Split, load_split
-from .utils import atomic_path, save_dataframe
+from .utils import OUTPUT_MODE, load_npz, save_dataframe
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +54,9 @@ CONDITIONS = ("bs", "random", "full")
 CONDITION_LABELS = {"bs": "Backward-selection\nsubset", "random": "Random\nsubset", "full": "Full image\n(attention check)"}
 KEY_COLUMNS = ("study", "image_id", "condition", "keep_fraction", "label", "class_name", "source_index", "masks")
 REQUIRED_RESPONSE_COLUMNS = ("participant_id", "image_id", "response")
+MAX_FIELD_CHARS = 1000  # a participant id, an answer or a time is never longer; a longer field is not a response
+# A cell starting with one of these is a formula to spreadsheet programs (CSV injection).
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 HUMAN_COLOUR = "#999999"  # grey and hatched; the models take the project's Okabe-Ito cycle
 
 
@@ -85,28 +98,37 @@ def render(split: Split, positions: np.ndarray, normalizer: Normalizer, keep: to
     return rgb.permute(0, 2, 3, 1).numpy()
 
 
-def opaque_ids(count: int, seed: int) -> list[str]:
-    """Distinct random 16-hex-digit ids, unrelated to image, class or condition."""
-    rng = np.random.default_rng(seed)
-    ids: list[str] = []
-    seen = set()
+def opaque_ids(count: int) -> list[str]:
+    """Distinct 16-hex-digit ids from the cryptographic random source: no seed, config or data
+    determines them, so they say nothing of image, class or condition."""
+    ids: dict[str, None] = {}
     while len(ids) < count:
-        token = rng.bytes(8).hex()
-        if token not in seen:
-            seen.add(token)
-            ids.append(token)
-    return ids
+        ids[secrets.token_hex(8)] = None
+    return list(ids)
+
+
+def reproduced_ids(key: pd.DataFrame, reproduce: pd.DataFrame, path) -> list[str]:
+    """The ids of a previous build's answer key, for a rebuild of exactly that study."""
+    columns = ["condition", "source_index"]
+    previous = reproduce.set_index(columns)["image_id"]
+    wanted = pd.MultiIndex.from_frame(key[columns])
+    if len(reproduce) != len(key) or not wanted.isin(previous.index).all():
+        raise ValueError(f"--reproduce {path}: that answer key is of another study (other images or conditions "
+                         "than these settings draw); rebuild with the settings it was made with")
+    return list(previous.loc[wanted])
 
 
 def write_png(path: Path, rgb: np.ndarray) -> None:
-    # Pillow writes no text/time chunks unless given pnginfo: only IHDR, IDAT and IEND.
-    Image.fromarray(rgb, "RGB").save(path, format="PNG", optimize=True)
+    # Only IHDR, IDAT and IEND (Pillow writes no text/time chunks unless given pnginfo), and stored
+    # without compression: a compressed size would tell full images from masked ones.
+    Image.fromarray(rgb, "RGB").save(path, format="PNG", compress_level=0)
 
 
 def build_study(split: Split, normalizer: Normalizer, conditions: list[ConditionSpec],
-                id_seed: int) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+                reproduce: str | None = None) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
     """Sample the images of every condition (no image in two conditions), render them and give each an
-    opaque id. Returns the answer key (without the study id) and image id -> picture."""
+    opaque id (fresh, or those of the answer key ``reproduce``). Returns the answer key (without the
+    study id) and image id -> picture."""
     if len(split.classes) > 10:
         raise ValueError(f"the page offers number keys 0-9, so at most 10 classes; this dataset has {len(split.classes)}")
     labels = split.labels.numpy()
@@ -124,7 +146,7 @@ def build_study(split: Split, normalizer: Normalizer, conditions: list[Condition
     if not rows:
         raise ValueError("the study has no images: set at least one humaneval count above 0")
     key = pd.DataFrame(rows)
-    key.insert(0, "image_id", opaque_ids(len(key), id_seed))
+    key.insert(0, "image_id", reproduced_ids(key, read_key(reproduce), reproduce) if reproduce else opaque_ids(len(key)))
     images = dict(zip(key["image_id"], np.concatenate(pictures)))
     key = key.sort_values("image_id", ignore_index=True)  # the id order is random w.r.t. class and condition
     return key, images
@@ -143,8 +165,8 @@ def write_bundle(folder: Path, key: pd.DataFrame, images: dict[str, np.ndarray],
     (folder / IMAGE_DIR).mkdir(parents=True)
     for name in STATIC_FILES:
         shutil.copyfile(ASSETS / name, folder / name)
-    for image_id, rgb in images.items():
-        write_png(folder / IMAGE_DIR / f"{image_id}.png", rgb)
+    for image_id in sorted(images):  # in id order: a directory listing may show the order files were made
+        write_png(folder / IMAGE_DIR / f"{image_id}.png", images[image_id])
     data = {"study": key["study"].iloc[0], "choices": list(classes), "items": sorted(images),
             "display_size": int(display_size), "post_url": post_url or None}
     (folder / DATA_FILE).write_text(f"window.STUDY_DATA = {json.dumps(data, indent=1)};\n")
@@ -162,39 +184,63 @@ def replace_folder(src: Path, dest: Path) -> None:
 
 
 def write_zip(folder: Path, path: Path) -> None:
-    """A reproducible zip (fixed timestamps, sorted entries) with the folder as its top-level directory."""
-    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
+    """A reproducible zip (fixed timestamps, sorted entries) with the folder as its top-level directory.
+    Stored, not deflated: compressed sizes in the listing would tell full images from masked ones."""
+    with open(path, "wb") as handle, zipfile.ZipFile(handle, "w", zipfile.ZIP_STORED) as archive:
         for file in sorted(p for p in folder.rglob("*") if p.is_file()):
             info = zipfile.ZipInfo(f"{folder.name}/{file.relative_to(folder).as_posix()}", date_time=(1980, 1, 1, 0, 0, 0))
             info.external_attr = 0o644 << 16
-            archive.writestr(info, file.read_bytes(), zipfile.ZIP_DEFLATED)
+            archive.writestr(info, file.read_bytes(), zipfile.ZIP_STORED)
 
 
-def manifest(key: pd.DataFrame, seed: int) -> pd.DataFrame:
-    """One row per picture for crowd platforms, shuffled; URLs relative to the bundle's root."""
-    order = np.random.default_rng(seed).permutation(len(key))
-    ids = key["image_id"].to_numpy()[order]
+def manifest(key: pd.DataFrame) -> pd.DataFrame:
+    """One row per picture for crowd platforms, in the order of the random ids; URLs relative to the
+    bundle's root."""
+    ids = sorted(key["image_id"])
     return pd.DataFrame({"task": np.arange(1, len(ids) + 1), "study": key["study"].iloc[0], "image_id": ids,
                          "image_url": [f"{IMAGE_DIR}/{i}.png" for i in ids]})
 
 
+@contextlib.contextmanager
+def staged_files(*paths: Path):
+    """Temporary files beside ``paths``, moved over them only once the block has written every one: a
+    failure (a full disk, a kill) leaves the old set whole and no new file beside it."""
+    staged = []
+    try:
+        for path in paths:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+            os.close(fd)
+            staged.append(Path(tmp))
+        yield staged
+    except BaseException:
+        for tmp in staged:
+            tmp.unlink(missing_ok=True)
+        raise
+    for tmp, path in zip(staged, paths):
+        os.chmod(tmp, OUTPUT_MODE)
+        os.replace(tmp, path)
+
+
 def build(split: Split, bundle: str, zip_path: str, key_path: str, manifest_path: str,
-          conditions: list[ConditionSpec], id_seed: int, normalizer: Normalizer, display_size: int = 256,
-          post_url: str | None = None) -> pd.DataFrame:
-    """Build the whole study from ``split`` (the test images the keep-masks belong to); returns the key."""
+          conditions: list[ConditionSpec], normalizer: Normalizer, display_size: int = 256,
+          post_url: str | None = None, reproduce: str | None = None) -> pd.DataFrame:
+    """Build the whole study from ``split`` (the test images the keep-masks belong to); returns the key.
+    Bundle, zip, answer key and manifest replace an earlier study together or not at all."""
     bundle = Path(bundle)
     if Path(key_path).resolve().is_relative_to(bundle.resolve()) or Path(manifest_path).resolve().is_relative_to(bundle.resolve()):
         raise ValueError(f"the answer key and manifest must be written outside the study folder {bundle}")
-    key, images = build_study(split, normalizer, conditions, id_seed)
+    key, images = build_study(split, normalizer, conditions, reproduce)
     key.insert(0, "study", study_id(images))
     bundle.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=bundle.parent, prefix=f".{bundle.name}.") as tmp:
         staged = Path(tmp) / bundle.name
         write_bundle(staged, key, images, split.classes, display_size, post_url)
-        replace_folder(staged, bundle)
-    write_zip(bundle, Path(zip_path))
-    save_dataframe(key_path, key[list(KEY_COLUMNS)])
-    save_dataframe(manifest_path, manifest(key, id_seed + 1))
+        with staged_files(Path(zip_path), Path(key_path), Path(manifest_path)) as (zip_tmp, key_tmp, manifest_tmp):
+            write_zip(staged, zip_tmp)
+            key[list(KEY_COLUMNS)].to_csv(key_tmp, index=False)
+            manifest(key).to_csv(manifest_tmp, index=False)
+            replace_folder(staged, bundle)  # renames only: nothing left that a full disk can fail
     counts = Counter(key["condition"])
     log.info("study %s: %s images (%s) in %s", key["study"].iloc[0], len(key),
              ", ".join(f"{c} {counts[c]}" for c in CONDITIONS if c in counts), bundle)
@@ -224,9 +270,9 @@ def read_responses(paths: list[str], key: pd.DataFrame, classes: list[str]) -> p
     seen: dict[tuple[str, str], str] = {}
     rows = []
     for path in paths:
-        with open(path, newline="", encoding="utf-8-sig") as handle:
+        with io.StringIO(decode_responses(path), newline="") as handle:
             reader = csv.reader(handle)
-            header = next(reader, None)
+            header = next_row(reader, path)
             if header is None:
                 raise ResponseError(f"{path}: the file is empty; expected a header with {', '.join(REQUIRED_RESPONSE_COLUMNS)}")
             header = [h.strip() for h in header]
@@ -234,10 +280,14 @@ def read_responses(paths: list[str], key: pd.DataFrame, classes: list[str]) -> p
             if absent:
                 raise ResponseError(f"{path}:1: header lacks the column(s) {', '.join(absent)} (it has {', '.join(header)})")
             col = {name: header.index(name) for name in header}
-            for row in reader:
+            while (row := next_row(reader, path)) is not None:
                 where = f"{path}:{reader.line_num}"
                 if not row:
                     continue  # a blank line carries no answer
+                longest = max(range(len(row)), key=lambda i: len(row[i]))
+                if len(row[longest]) > MAX_FIELD_CHARS:
+                    raise ResponseError(f"{where}: field {longest + 1} is {len(row[longest])} characters long (at most "
+                                        f"{MAX_FIELD_CHARS}); this is not a response file of the study page")
                 if len(row) != len(header):
                     raise ResponseError(f"{where}: malformed row with {len(row)} fields, the header has {len(header)}")
                 pid, image_id, response = (row[col[c]].strip() for c in REQUIRED_RESPONSE_COLUMNS)
@@ -267,6 +317,37 @@ def read_responses(paths: list[str], key: pd.DataFrame, classes: list[str]) -> p
     answers = pd.DataFrame(rows).merge(key, on="image_id", how="left", validate="many_to_one")
     answers["correct"] = answers["response"] == answers["class_name"]
     return answers
+
+
+def decode_responses(path) -> str:
+    """The text of a response file; bytes that are not UTF-8 are an error naming the file and line."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise ResponseError(f"{path}:{line}: not UTF-8 text (byte {data[err.start]:#04x} at offset {err.start}); "
+                            "save the file as UTF-8 CSV, as the study page downloads it") from None
+
+
+def next_row(reader, path) -> list[str] | None:
+    """The next CSV row, None at the end; a malformed row names the file and line."""
+    try:
+        return next(reader)
+    except StopIteration:
+        return None
+    except csv.Error as err:
+        raise ResponseError(f"{path}:{reader.line_num}: unreadable CSV ({err})") from None
+
+
+def neutralize_formulas(frame: pd.DataFrame) -> pd.DataFrame:
+    """Text cells that a spreadsheet would run as a formula get a leading apostrophe (shown, not run)."""
+    frame = frame.copy()
+    for column in frame.columns:
+        if frame[column].dtype == object or pd.api.types.is_string_dtype(frame[column]):
+            frame[column] = frame[column].map(
+                lambda v: "'" + v if isinstance(v, str) and v.startswith(FORMULA_STARTS) else v)
+    return frame
 
 
 def wilson_interval(correct: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
@@ -391,7 +472,7 @@ def score(key_path: str, response_paths: list[str], classes: list[str], threshol
         log.warning("excluded participant %s: %s", p["participant_id"], p["reason"])
     log.info("%d of %d participants pass the attention checks (threshold %s)", len(people) - len(excluded),
              len(people), threshold)
-    save_dataframe(participants_path, people)
+    save_dataframe(participants_path, neutralize_formulas(people))
     if len(excluded) == len(people):
         raise ValueError(f"all {len(people)} participants fail the attention checks (threshold {threshold}); "
                          f"nothing to score. See {participants_path}")
@@ -400,7 +481,7 @@ def score(key_path: str, response_paths: list[str], classes: list[str], threshol
     rows += [model_accuracy(*parse_model_predictions(spec), key) for spec in model_predictions]
     table = pd.DataFrame(rows).astype({"participants": "Int64"})
     table.insert(3, "keep_fraction", table["condition"].map(key.groupby("condition")["keep_fraction"].mean()))
-    save_dataframe(table_path, table)
+    save_dataframe(table_path, neutralize_formulas(table))
     plot(table, len(classes), figure_prefix)
     for _, r in table.iterrows():
         log.info("%-24s %-7s accuracy %.3f [%.3f, %.3f] (%d answers)", r["rater"], r["condition"], r["accuracy"],
@@ -421,7 +502,8 @@ def add_commands(subparsers) -> None:
     for name, label in (("bs", "backward-selection"), ("random", "random-subset"), ("full", "full-image attention-check")):
         b.add_argument(f"--{name}-count", type=int, default=0, help=f"number of {label} images")
         b.add_argument(f"--{name}-seed", type=int, default=0, help=f"seed drawing the {label} images")
-    b.add_argument("--id-seed", type=int, default=0, help="seed of the opaque image ids and the manifest order")
+    b.add_argument("--reproduce", metavar="ANSWER_KEY", default=None,
+                   help="rebuild the study of this answer key, with its image ids (default: fresh random ids)")
     b.add_argument("--display-size", type=int, default=256, help="on-screen size of the pictures in CSS pixels")
     b.add_argument("--post-url", default=None, help="optional URL the page POSTs the responses CSV to")
     b.add_argument("--mean", type=float, nargs=3, default=None)
@@ -462,16 +544,15 @@ def run_build(args: argparse.Namespace) -> int:
         keep = load_keep_masks(masks, "test", split.index) if count and masks else None
         conditions.append(ConditionSpec(name, count, seed, keep, str(masks or "")))
     normalizer = Normalizer(args.mean or CIFAR10_MEAN, args.std or CIFAR10_STD, args.baseline)
-    build(split, args.bundle, args.zip, args.key, args.manifest, conditions, args.id_seed, normalizer,
-          args.display_size, args.post_url)
+    build(split, args.bundle, args.zip, args.key, args.manifest, conditions, normalizer, args.display_size,
+          args.post_url, args.reproduce)
     return 0
 
 
 def run_score(args: argparse.Namespace) -> int:
     if not 0 <= args.attention_threshold <= 1:
         raise ValueError(f"--attention-threshold must be within [0, 1], got {args.attention_threshold}")
-    with np.load(args.data, allow_pickle=False) as arrays:
-        classes = [str(c) for c in arrays["classes"]]
+    classes = [str(c) for c in load_npz(args.data, required=("classes",))["classes"]]
     score(args.key, args.responses, classes, args.attention_threshold, args.model_predictions, args.table,
           args.participants, args.figure)
     return 0

@@ -32,7 +32,7 @@ from .data import DataError, Normalizer
 from .efficientnet_lite import IMAGENET_MEAN, IMAGENET_STD, EfficientNetLite0
 from .subsets import unpack_keep
 from .train import model_inputs
-from .utils import load_npz, save_dataframe
+from .utils import load_npz, load_torch, save_dataframe
 
 SPLITS = ("train", "val")
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
@@ -258,7 +258,7 @@ def pretrained_state_dict(arch: str, weights: str) -> dict:
     if path.suffix in (".pt", ".pth") or path.exists():
         if not path.exists():
             raise FileNotFoundError(f"weights file {path} does not exist")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_torch(path)
         return state.get("state_dict", state)
     spec = MODEL_SPECS[arch]
     if spec.weights_enum is None:

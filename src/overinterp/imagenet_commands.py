@@ -12,7 +12,7 @@ from . import imagenet, imagenet_report, imagenet_sis
 from .imagenet_train import (ImageNetRecipe, imagenet_prediction_table, predict_dataset, summarize_imagenet,
                              train_imagenet)
 from .models import load_model, save_model
-from .utils import resolve_device, save_dataframe, save_json
+from .utils import load_torch, resolve_device, save_dataframe, save_json
 
 
 def _frame_args(p) -> None:
@@ -29,7 +29,7 @@ def _frame(arch: str, args) -> tuple[int, int]:
 
 def _model_frame(path) -> tuple[int, int]:
     """The evaluation frame a model file was made for (its images and keep-masks must use the same)."""
-    meta = torch.load(path, map_location="cpu", weights_only=True).get("meta", {})
+    meta = load_torch(path).get("meta", {})
     if "crop" not in meta:
         raise ValueError(f"{path} records no image frame; make it with `overinterp imagenet-model` or imagenet-train")
     return meta["resize"], meta["crop"]

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .utils import DataError
+
 
 def conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
@@ -168,9 +170,9 @@ def save_model(path, model: nn.Module, arch: str, **meta) -> None:
 
 def save_ensemble(path, member_paths) -> None:
     """An ensemble file holds its members' model files, so it loads and runs like any single model."""
-    from .utils import save_torch
+    from .utils import load_torch, save_torch
 
-    members = [torch.load(p, map_location="cpu", weights_only=True) for p in member_paths]
+    members = [load_torch(p) for p in member_paths]
     save_torch(path, {"arch": "ensemble", "members": members, "meta": {"members": [str(p) for p in member_paths]}})
 
 
@@ -185,5 +187,14 @@ def _from_blob(blob: dict) -> nn.Module:
 
 def load_model(path, device: torch.device | str = "cpu") -> nn.Module:
     """Load a model or ensemble file, in eval mode, channels_last, on ``device``."""
-    blob = torch.load(path, map_location=device, weights_only=True)
-    return _from_blob(blob).to(device, memory_format=torch.channels_last).eval()
+    from .utils import load_torch
+
+    blob = load_torch(path, map_location=device)
+    if not isinstance(blob, dict) or "arch" not in blob:
+        raise DataError(f"{path} is not a model file of this pipeline (no 'arch' entry); make it with "
+                        "`overinterp train` or `overinterp ensemble`")
+    try:
+        return _from_blob(blob).to(device, memory_format=torch.channels_last).eval()
+    except (KeyError, RuntimeError) as err:
+        raise DataError(f"{path}: its weights do not fit its architecture {blob.get('arch')!r} "
+                        f"({str(err).splitlines()[0]}); delete it and rerun the rule that makes it") from None

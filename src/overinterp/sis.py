@@ -149,10 +149,7 @@ class BackSelectResult:
 
     @classmethod
     def load(cls, path) -> "BackSelectResult":
-        arrays = load_npz(path)
-        missing = {"index", "order", "values", "target", "full_confidence", "height", "width"} - set(arrays)
-        if missing:
-            raise ValueError(f"{path} is not a BackSelect result file: it lacks {sorted(missing)}")
+        arrays = load_npz(path, required=("index", "order", "values", "target", "full_confidence", "height", "width"))
         return cls.from_arrays(arrays)
 
 

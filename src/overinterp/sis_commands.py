@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 
 from .sis import BackSelect, BackSelectResult, GradientBackSelect, keep_last, kept_count
-from .utils import resolve_device, save_dataframe
+from .utils import DataError, resolve_device, save_dataframe
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +44,14 @@ def run_shard(engine, images: torch.Tensor, index: np.ndarray, out, meta: dict,
     """
     partial = partial_path(out)
     done: dict[int, BackSelectResult] = {}
+    previous = None
     if partial.exists():
-        previous = BackSelectResult.load(partial)
+        try:
+            previous = BackSelectResult.load(partial)
+        except (DataError, ValueError) as err:  # a damaged checkpoint costs its images, never the run
+            log.warning("discarding the unreadable checkpoint %s and recomputing its images: %s", partial, err)
+            partial.unlink()
+    if previous is not None:
         if previous.meta == meta:
             position = {int(row): i for i, row in enumerate(index)}
             done = {position[int(row)]: previous.select(slice(i, i + 1)) for i, row in enumerate(previous.index)}

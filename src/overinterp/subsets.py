@@ -33,8 +33,8 @@ def save_keep_masks(path, height: int, width: int, **splits: tuple[np.ndarray, n
 
 def load_keep_masks(path, split: str, expected_index: np.ndarray | None = None) -> torch.Tensor:
     """Keep-masks of ``split`` as a (N, 1, H, W) bool tensor, checked against the images they belong to."""
-    arrays = load_npz(path)
-    if f"{split}_keep" not in arrays:
+    arrays = load_npz(path, required=("height", "width"))
+    if f"{split}_keep" not in arrays or f"{split}_index" not in arrays:
         raise ValueError(f"{path} has no keep-masks for the {split!r} split")
     index = arrays[f"{split}_index"]
     if expected_index is not None and not np.array_equal(index, expected_index):

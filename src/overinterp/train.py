@@ -23,7 +23,7 @@ from tqdm import tqdm
 from .data import Normalizer, Split, load_split
 from .evaluate import predict
 from .models import build_model, save_model
-from .utils import resolve_device, save_dataframe, save_torch
+from .utils import load_torch, resolve_device, save_dataframe, save_torch
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class Trainer:
     def resume(self, device: torch.device) -> None:
         if not (self.checkpoint_path and self.checkpoint_path.exists()):
             return
-        state = torch.load(self.checkpoint_path, map_location=device, weights_only=False)
+        state = load_torch(self.checkpoint_path, map_location=device)
         if state["fingerprint"] != self.fingerprint:
             log.warning("ignoring checkpoint %s: it belongs to a different configuration", self.checkpoint_path)
             return
@@ -247,7 +247,8 @@ def run_train(args: argparse.Namespace) -> int:
     model, metrics = train_model(args.arch, train, recipe, args.seed, normalizer, device, args.checkpoint,
                                  keep, test, test_keep, args.positions_only)
     save_model(args.out, model, args.arch, seed=args.seed, input_dropout=recipe.input_dropout,
-               baseline=args.baseline, positions_only=args.positions_only, recipe=dataclasses.asdict(recipe))
+               baseline=args.baseline, positions_only=args.positions_only, recipe=dataclasses.asdict(recipe),
+               train_images=len(train), test_images=len(test))
     save_dataframe(args.metrics, metrics)
     if args.checkpoint:
         Path(args.checkpoint).unlink(missing_ok=True)

@@ -1,19 +1,34 @@
-"""Shared helpers: atomic file writes, devices and seeding."""
+"""Shared helpers: the user-facing error type, atomic file writes, safe file reading, devices and seeding."""
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import pickle
 import random
 import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 
+class DataError(RuntimeError):
+    """A problem with the user's files or settings that they can fix; the message says what and how."""
+
+
+class CorruptFileError(DataError):
+    """A file the pipeline wrote earlier (model, result, keep-mask) that cannot be read back."""
+
+    def __init__(self, path, problem: str):
+        super().__init__(f"{path}: {problem}. Delete it and rerun the rule (or command) that makes it.")
+        self.path = Path(path)
+
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+OUTPUT_MODE = 0o666 & ~_UMASK  # what a plain open() would give; mkstemp makes 0600
 
 
 @contextlib.contextmanager
@@ -26,7 +41,7 @@ def atomic_path(path: str | os.PathLike):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give outputs the usual permissions
+    os.chmod(tmp, OUTPUT_MODE)
     try:
         yield Path(tmp)
         os.replace(tmp, path)
@@ -41,14 +56,62 @@ def save_npz(path, compressed: bool = False, **arrays) -> None:
         (np.savez_compressed if compressed else np.savez)(f, **arrays)
 
 
-def load_npz(path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+# What numpy and torch raise on a truncated or garbage file (zip, pickle and stream errors among them).
+_UNREADABLE = (zipfile.BadZipFile, EOFError, pickle.UnpicklingError, ValueError, OSError, RuntimeError, KeyError)
+
+
+def load_npz(path, required: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """Every array of an ``.npz`` file (never unpickling objects); a missing, truncated or garbage file,
+    or one without the ``required`` arrays, is a one-line error naming the file."""
+    if not Path(path).exists():
+        raise DataError(f"{path} does not exist. Run the rule (or command) that makes it first.")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except _UNREADABLE as err:
+        raise CorruptFileError(path, f"not a readable .npz array file ({type(err).__name__}: {err})") from None
+    missing = [k for k in required if k not in arrays]
+    if missing:
+        raise CorruptFileError(path, f"the arrays {', '.join(missing)} are missing")
+    return arrays
+
+
+def load_torch(path, map_location="cpu"):
+    """A file written by ``save_torch``, loaded with ``weights_only=True``: tensors, numbers, strings and
+    containers only, so a crafted file cannot run code. Anything else is a one-line error naming the file."""
+    import torch
+
+    if not Path(path).exists():
+        raise DataError(f"{path} does not exist. Run the rule (or command) that makes it first.")
+    if not zipfile.is_zipfile(path):  # torch.save has written zip archives since torch 1.6
+        raise CorruptFileError(path, "not a torch file (no zip archive inside): truncated or garbage")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "Weights only load failed" not in str(err):
+            raise CorruptFileError(path, "not a readable torch file, truncated or garbage") from None
+        found = [line.strip() for line in str(err).splitlines() if "unsupported" in line.lower()] or ["unsupported content"]
+        raise DataError(
+            f"{path} holds objects other than tensors and plain values ({found[0]}); it was refused unread "
+            "because loading it could run code. Use only files this pipeline wrote (or a torch.save of a plain "
+            "state dict); delete it and rerun the rule that makes it.") from None
+    except _UNREADABLE as err:
+        raise CorruptFileError(path, f"not a readable torch file, truncated or garbage ({type(err).__name__})") from None
 
 
 def save_json(path, obj) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def load_json(path):
+    """A JSON file the pipeline wrote; a missing, truncated or garbage one is a one-line error naming it."""
+    if not Path(path).exists():
+        raise DataError(f"{path} does not exist. Run the rule (or command) that makes it first.")
+    try:
+        return json.loads(Path(path).read_text())
+    except (ValueError, OSError) as err:
+        raise CorruptFileError(path, f"not readable JSON ({err})") from None
 
 
 def save_torch(path, obj) -> None:

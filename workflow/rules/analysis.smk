@@ -7,29 +7,40 @@ rule comparison_tables:
     output:
         multiext("results/tables/table1", ".csv", ".md", ".tex"),
         multiext("results/tables/fraction_sweep", ".csv", ".md"),
-    params:
-        fraction=FRACTIONS[0],
     log:
         "logs/tables/comparison.log",
+    conda:
+        "../../envs/overinterp.yaml"
+    params:
+        fraction=FRACTIONS[0],
     shell:
-        "{OVERINTERP} tables comparison --fraction {params.fraction} --table1 results/tables/table1 "
+        "python -m overinterp tables comparison --fraction {params.fraction} --table1 results/tables/table1 "
         "--sweep results/tables/fraction_sweep {input} 2> {log}"
 
 
 rule sis_size_tables:
     input:
-        sis=expand("results/sis/{model}/{method}/test.npz", model=compared_models(), method=SIS_METHOD),
+        sis=expand(
+            "results/sis/{model}/{method}/test.npz",
+            model=compared_models(),
+            method=SIS_METHOD,
+        ),
         predictions=expand("results/eval/{model}/full.csv", model=compared_models()),
     output:
-        per_image=expand("results/tables/sis_sizes/{model}.csv", model=compared_models()),
+        per_image=expand(
+            "results/tables/sis_sizes/{model}.csv", model=compared_models()
+        ),
         summary=multiext("results/tables/sis_sizes", ".csv", ".md"),
+    log:
+        "logs/tables/sis_sizes.log",
+    conda:
+        "../../envs/overinterp.yaml"
     params:
         tau=config["sis"]["tau"],
         entries=lambda w, input: " ".join(
-            f"--entry {m} {s} {p}" for m, s, p in zip(compared_models(), input.sis, input.predictions)
+            f"--entry {m} {s} {p}"
+            for m, s, p in zip(compared_models(), input.sis, input.predictions)
         ),
-    log:
-        "logs/tables/sis_sizes.log",
     shell:
-        "{OVERINTERP} tables sis-sizes --tau {params.tau} {params.entries} "
+        "python -m overinterp tables sis-sizes --tau {params.tau} {params.entries} "
         "--per-image-dir results/tables/sis_sizes --summary results/tables/sis_sizes 2> {log}"

@@ -1,13 +1,109 @@
-# Helpers shared by the rules: model names, command-line fragments, the list of final outputs.
+# Helpers shared by the rules: the configuration (coerced, validated, cross-checked), model names,
+# command-line fragments, the list of final outputs.
 import json
 import re
 import shlex
+from decimal import Decimal
 from pathlib import Path
 
-# The rules run the package from this source tree, so a job needs only the dependencies
-# (the project's .venv, or envs/overinterp.yaml with --sdm conda) on its PATH.
-OVERINTERP = "PYTHONPATH={}${{PYTHONPATH:+:$PYTHONPATH}} python -m overinterp".format(
-    shlex.quote(str(Path(workflow.basedir) / "src"))
+from snakemake.utils import validate
+
+import yaml
+
+
+# ------------------------------------------------------------------------------------- configuration
+def coerce_to_schema(value, schema):
+    """Values from `--config key='{a: 3}'` arrive as strings (Snakemake reads nested YAML without types):
+    convert each string where the schema asks for a number, boolean or null, so validation sees what the
+    user meant. Anything that does not convert is left for validation to report."""
+    types = schema.get("type", [])
+    types = [types] if isinstance(types, str) else types
+    if isinstance(value, dict):
+        props = schema.get("properties", {})
+        extra = schema.get("additionalProperties")
+        return {
+            k: coerce_to_schema(
+                v, props.get(k, extra if isinstance(extra, dict) else {})
+            )
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [coerce_to_schema(v, schema.get("items", {})) for v in value]
+    if not isinstance(value, str):
+        return value
+    if "null" in types and value in ("null", "~", "None", ""):
+        return None
+    if "boolean" in types and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    for kind, convert in (("integer", int), ("number", float)):
+        if kind in types:
+            try:
+                return convert(value)
+            except ValueError:
+                pass
+    return value
+
+
+CONFIG_SCHEMA = Path(workflow.current_basedir) / "../schemas/config.schema.yaml"
+config.update(coerce_to_schema(config, yaml.safe_load(CONFIG_SCHEMA.read_text())))
+validate(config, str(CONFIG_SCHEMA))
+
+
+def config_error(key, problem, fix):
+    raise ValueError(f"config `{key}`: {problem}. {fix}")
+
+
+def fraction_name(value):
+    """A kept fraction as written in file names: plain decimals (0.00001, never 1e-05)."""
+    return (
+        format(Decimal(repr(float(value))).normalize(), "f")
+        if value < 1
+        else repr(float(value))
+    )
+
+
+def check_config():
+    """Combinations the schema cannot express, refused before any job runs."""
+    seeds, sis_seed_value = config["models"]["seeds"], config["sis"]["seed"]
+    if sis_seed_value is not None and sis_seed_value not in seeds:
+        config_error(
+            "sis.seed",
+            f"{sis_seed_value} is not one of models.seeds {seeds}, so it would train an extra "
+            "model of its own",
+            "Choose one of models.seeds, or null for the first",
+        )
+    if not config["cifar10"]["enabled"]:
+        return
+    test_size = (
+        config["dataset"]["test_size"] or 10000
+    )  # null = the whole CIFAR-10 test split
+    per_class = test_size // 10
+    needed = {
+        c: -(-config["humaneval"][c]["count"] // 10) for c in ("bs", "random", "full")
+    }
+    if sum(needed.values()) > per_class:
+        counts = ", ".join(
+            f"humaneval.{c}.count = {config['humaneval'][c]['count']}" for c in needed
+        )
+        config_error(
+            "humaneval",
+            f"{counts} need up to {sum(needed.values())} test images per class, but "
+            f"dataset.test_size = {test_size} has {per_class} per class (conditions never share an image)",
+            "Lower the counts or raise dataset.test_size",
+        )
+
+
+check_config()
+
+
+# The rules run `python -m overinterp` from this source tree, so a job needs only the dependencies (the
+# project's .venv, or envs/overinterp.yaml with --sdm conda) on its PATH. The source folder goes into the
+# shell prefix, not into each rule's params: a checkout's location is no reason to rerun anything.
+# (Snakemake formats the prefix like a shell command: doubled braces stand for the shell's own.)
+shell.prefix(
+    "set -euo pipefail; export PYTHONPATH="
+    + shlex.quote(str(Path(workflow.basedir) / "src"))
+    + "${{PYTHONPATH:+:$PYTHONPATH}}; "
 )
 ARCHITECTURES = config["models"]["architectures"]
 SEEDS = config["models"]["seeds"]
@@ -17,7 +113,7 @@ SEEDS = config["models"]["seeds"]
 MODELS = [f"{arch}-s{seed}" for arch in ARCHITECTURES for seed in SEEDS]
 SINGLE_MODEL_PATTERN = r"[A-Za-z0-9_]+?(-dropout)?-s\d+"
 SIS_METHOD = config["sis"]["method"]
-FRACTIONS = config["subsets"]["fractions"]
+FRACTIONS = [fraction_name(f) for f in config["subsets"]["fractions"]]
 RETRAIN_SEEDS = config["subsets"]["retrain_seeds"]
 # Subset names: "<method>-bs-<fraction>", "<method>-positions-<fraction>" (keep-mask alone), "random-<fraction>".
 SUBSET_PATTERN = r"(exact|gradient)-(bs|positions)-[0-9.]+|random-[0-9.]+"
@@ -47,7 +143,10 @@ def sis_models():
 
 
 def parse_subset(name):
-    match = re.fullmatch(r"(?:(?P<method>exact|gradient)-(?P<kind>bs|positions)|random)-(?P<fraction>[0-9.]+)", name)
+    match = re.fullmatch(
+        r"(?:(?P<method>exact|gradient)-(?P<kind>bs|positions)|random)-(?P<fraction>[0-9.]+)",
+        name,
+    )
     return {
         "method": match["method"],
         "subset": match["kind"] or "random",
@@ -67,8 +166,13 @@ def keep_masks(model, subset, test_only=False):
 
 def evaluation_tags(model, evaluated="trained", subset=None, seed=None):
     """Metadata stored in an evaluation summary, from which the tables are grouped."""
-    tags = {"architecture": arch_of(model), "model": model, "kind": model_kind(model), "evaluated": evaluated,
-            "seed": seed_of(model) if seed is None else seed}
+    tags = {
+        "architecture": arch_of(model),
+        "model": model,
+        "kind": model_kind(model),
+        "evaluated": evaluated,
+        "seed": seed_of(model) if seed is None else seed,
+    }
     tags.update(parse_subset(subset) if subset else {"subset": "full"})
     return " ".join(f"--tag {k}={v}" for k, v in tags.items() if v is not None)
 
@@ -83,7 +187,9 @@ def comparison_summaries():
             if config["subsets"]["positions_only"]:
                 trained.append(f"{SIS_METHOD}-positions-{fraction}")
             summaries += [
-                f"results/retrain/{model}/{subset}-s{seed}/test.json" for subset in trained for seed in RETRAIN_SEEDS
+                f"results/retrain/{model}/{subset}-s{seed}/test.json"
+                for subset in trained
+                for seed in RETRAIN_SEEDS
             ]
     return summaries
 
@@ -92,10 +198,21 @@ def parse_model(model):
     """{'arch', 'seed', 'dropout', 'ensemble'} of a model name (see MODELS above)."""
     if model.startswith("ensemble-"):
         name = model.removeprefix("ensemble-")
-        return {"arch": ARCHITECTURES[0] if name == "mixed" else name, "seed": None, "dropout": False,
-                "ensemble": name}
-    match = re.fullmatch(r"(?P<arch>[A-Za-z0-9_]+?)(?P<dropout>-dropout)?-s(?P<seed>\d+)", model)
-    return {"arch": match["arch"], "seed": int(match["seed"]), "dropout": bool(match["dropout"]), "ensemble": None}
+        return {
+            "arch": ARCHITECTURES[0] if name == "mixed" else name,
+            "seed": None,
+            "dropout": False,
+            "ensemble": name,
+        }
+    match = re.fullmatch(
+        r"(?P<arch>[A-Za-z0-9_]+?)(?P<dropout>-dropout)?-s(?P<seed>\d+)", model
+    )
+    return {
+        "arch": match["arch"],
+        "seed": int(match["seed"]),
+        "dropout": bool(match["dropout"]),
+        "ensemble": None,
+    }
 
 
 def arch_of(model):
@@ -109,7 +226,11 @@ def seed_of(model):
 
 def model_kind(model):
     parsed = parse_model(model)
-    return "ensemble" if parsed["ensemble"] else "input_dropout" if parsed["dropout"] else "single"
+    return (
+        "ensemble"
+        if parsed["ensemble"]
+        else "input_dropout" if parsed["dropout"] else "single"
+    )
 
 
 def ensemble_members(name):
@@ -139,7 +260,9 @@ def compared_models():
 def normalization_args():
     norm = config["normalization"]
     return "--mean {} --std {} --baseline {}".format(
-        " ".join(map(str, norm["mean"])), " ".join(map(str, norm["std"])), norm["baseline"]
+        " ".join(map(str, norm["mean"])),
+        " ".join(map(str, norm["std"])),
+        norm["baseline"],
     )
 
 
@@ -186,13 +309,190 @@ REPORT_CATEGORY = {
 
 def all_outputs():
     outputs = [f"results/eval/{model}/full.json" for model in MODELS]
-    outputs += ["results/tables/table1.md", "results/tables/fraction_sweep.md", "results/tables/sis_sizes.md"]
+    outputs += [
+        "results/tables/table1.md",
+        "results/tables/fraction_sweep.md",
+        "results/tables/sis_sizes.md",
+    ]
     outputs += sis_outputs()  # workflow/rules/sis.smk
     outputs += mitigation_outputs()  # workflow/rules/mitigation.smk
     outputs += humaneval_outputs()  # workflow/rules/humaneval.smk
     outputs += figure_outputs()  # workflow/rules/figures.smk
-    if not config["cifar10"]["enabled"]:  # an ImageNet-only configuration (config/imagenet.yaml)
+    if not config["cifar10"][
+        "enabled"
+    ]:  # an ImageNet-only configuration (config/imagenet.yaml)
         outputs = []
     if config["imagenet"]["enabled"]:
         outputs += imagenet_outputs()  # workflow/rules/imagenet.smk
     return outputs
+
+
+# ------------------------------------------------------------------ backward selection (sis.smk)
+SIS_SHARDS = config["sis"]["shards"]
+COMPARE_SAMPLE = config["sis"]["compare_sample"]
+
+
+def sis_args():
+    sis = config["sis"]
+    batch = "" if sis["batch_size"] is None else f"--batch-size {sis['batch_size']}"
+    return (
+        f"--pixels-per-step {sis['pixels_per_step']} --precision {sis['precision']} {batch} "
+        f"{normalization_args()}"
+    )
+
+
+def sis_outputs():
+    """The merged SIS files of both splits, and the agreement table when a comparison sample is set."""
+    outputs = expand(
+        "results/sis/{model}/{method}/{split}.npz",
+        model=sis_models(),
+        method=SIS_METHOD,
+        split=["train", "test"],
+    )
+    if COMPARE_SAMPLE:
+        outputs += multiext("results/tables/sis_agreement", ".csv", ".md")
+    return outputs
+
+
+# -------------------------------------------------------------- human evaluation (humaneval.smk)
+import glob
+
+HUMANEVAL = config["humaneval"]
+HUMANEVAL_MODEL = HUMANEVAL["model"] or sis_models()[0]
+HUMANEVAL_FRACTION = (
+    fraction_name(HUMANEVAL["fraction"]) if HUMANEVAL["fraction"] else FRACTIONS[0]
+)
+if HUMANEVAL_MODEL not in sis_models():
+    raise ValueError(
+        f"humaneval.model {HUMANEVAL_MODEL!r} has no backward-selection subsets; choose one of {sis_models()} "
+        "(the models SIS runs on) or null"
+    )
+HUMANEVAL_SUBSETS = {
+    "bs": f"{SIS_METHOD}-bs-{HUMANEVAL_FRACTION}",
+    "random": f"random-{HUMANEVAL_FRACTION}",
+}
+
+
+def humaneval_responses():
+    return sorted(glob.glob(str(Path(HUMANEVAL["responses"]) / "*.csv")))
+
+
+def humaneval_predictions():
+    """(name, condition, predictions CSV) of the models on the study's images: the model whose subsets
+    are shown, on each condition, and the models retrained on each kind of subset, on that kind.
+    """
+    model = HUMANEVAL_MODEL
+    entries = [(model, "full", f"results/eval/{model}/full.csv")]
+    entries += [
+        (model, c, f"results/eval/{model}/{s}.csv")
+        for c, s in HUMANEVAL_SUBSETS.items()
+    ]
+    entries += [
+        (
+            f"{model} retrained on the subsets, seed {seed}",
+            c,
+            f"results/retrain/{model}/{s}-s{seed}/test.csv",
+        )
+        for seed in RETRAIN_SEEDS
+        for c, s in HUMANEVAL_SUBSETS.items()
+    ]
+    return entries
+
+
+def humaneval_outputs():
+    outputs = [
+        "results/humaneval/study.zip",
+        "results/humaneval/answer_key.csv",
+        "results/humaneval/manifest.csv",
+    ]
+    if humaneval_responses():
+        outputs += ["results/tables/humaneval.csv", "results/figures/humaneval.png"]
+    return outputs
+
+
+def humaneval_responses_input(wildcards):
+    files = humaneval_responses()
+    if not files:
+        raise ValueError(
+            f"no response files (*.csv) in {HUMANEVAL['responses']}: put the CSVs downloaded from the study "
+            "page there (or set humaneval.responses)"
+        )
+    return files
+
+
+# ------------------------------------------------------------------------ mitigation (mitigation.smk)
+def mitigation_outputs():
+    if not mitigation_models():
+        return []
+    return [
+        "results/tables/mitigation.md",
+        "results/figures/mitigation.png",
+        "results/figures/mitigation.pdf",
+    ]
+
+
+# ---------------------------------------------------------------------- figures (figures.smk)
+# Tables shown in the report as HTML: name -> (title, stage); results/tables/<name>.csv is the source.
+REPORT_TABLES = {
+    "table1": (
+        f"Table 1: test accuracy with {100 * float(FRACTIONS[0]):g}% of the pixels kept",
+        "retrain",
+    ),
+    "fraction_sweep": ("Test accuracy against the fraction of pixels kept", "retrain"),
+    "sis_sizes": (
+        f"SIS sizes at tau = {config['sis']['tau']:g}, correct vs incorrect",
+        "sis",
+    ),
+}
+if mitigation_models():
+    REPORT_TABLES["mitigation"] = (
+        "Ensembles and input dropout against single models",
+        "mitigation",
+    )
+if config["sis"]["compare_sample"]:
+    REPORT_TABLES["sis_agreement"] = ("Exact vs gradient backward selection", "sis")
+
+
+def figure_outputs():
+    names = [
+        "training_curves",
+        "table1",
+        "fraction_sweep",
+        "confidence_curves",
+        "sis_sizes",
+    ]
+    names += [f"sis_examples/{model}" for model in sis_models()]
+    names += [f"retrain_curves/{model}" for model in sis_models()]
+    outputs = [
+        f"results/figures/{name}.{ext}" for name in names for ext in ("png", "pdf")
+    ]
+    outputs += [f"results/tables/{table}.html" for table in REPORT_TABLES]
+    outputs.append("results/tables/table1.tex")
+    return outputs
+
+
+def figure_prefix(wildcards, output):
+    return output.png.removesuffix(".png")
+
+
+def retrain_runs(model):
+    """(legend group, metrics file) of the full-image model and of the models retrained on its subsets at
+    Table 1's fraction."""
+    fraction = FRACTIONS[0]
+    subsets = {
+        "backward selection": f"{SIS_METHOD}-bs-{fraction}",
+        "random": f"random-{fraction}",
+    }
+    if config["subsets"]["positions_only"]:
+        subsets["mask positions only"] = f"{SIS_METHOD}-positions-{fraction}"
+    runs = [("full images", f"results/models/{model}/metrics.csv")]
+    runs += [
+        (group, f"results/retrain/{model}/{subset}-s{seed}/metrics.csv")
+        for group, subset in subsets.items()
+        for seed in RETRAIN_SEEDS
+    ]
+    return runs
+
+
+def entry_args(pairs):
+    return " ".join(f"--entry {shlex.quote(name)} {path}" for name, path in pairs)

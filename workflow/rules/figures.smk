@@ -2,52 +2,7 @@
 # for the report (`snakemake --report results/report.html`) with a caption in workflow/report/ that
 # states what it shows and the configuration behind it. Report categories follow the pipeline's stages.
 # To add a figure: a rule whose PNG output is wrapped in report(..., category=REPORT_CATEGORY[stage])
-# (common.smk), its caption, and its paths in that stage's outputs (e.g. figure_outputs() below).
-
-# Tables shown in the report as HTML: name -> (title, stage); results/tables/<name>.csv is the source.
-REPORT_TABLES = {
-    "table1": (f"Table 1: test accuracy with {100 * FRACTIONS[0]:g}% of the pixels kept", "retrain"),
-    "fraction_sweep": ("Test accuracy against the fraction of pixels kept", "retrain"),
-    "sis_sizes": (f"SIS sizes at tau = {config['sis']['tau']:g}, correct vs incorrect", "sis"),
-}
-if mitigation_models():
-    REPORT_TABLES["mitigation"] = ("Ensembles and input dropout against single models", "mitigation")
-if config["sis"]["compare_sample"]:
-    REPORT_TABLES["sis_agreement"] = ("Exact vs gradient backward selection", "sis")
-
-
-def figure_outputs():
-    names = ["training_curves", "table1", "fraction_sweep", "confidence_curves", "sis_sizes"]
-    names += [f"sis_examples/{model}" for model in sis_models()]
-    names += [f"retrain_curves/{model}" for model in sis_models()]
-    outputs = [f"results/figures/{name}.{ext}" for name in names for ext in ("png", "pdf")]
-    outputs += [f"results/tables/{table}.html" for table in REPORT_TABLES]
-    outputs.append("results/tables/table1.tex")
-    return outputs
-
-
-def figure_prefix(wildcards, output):
-    return output.png.removesuffix(".png")
-
-
-def retrain_runs(model):
-    """(legend group, metrics file) of the full-image model and of the models retrained on its subsets at
-    Table 1's fraction."""
-    fraction = FRACTIONS[0]
-    subsets = {"backward selection": f"{SIS_METHOD}-bs-{fraction}", "random": f"random-{fraction}"}
-    if config["subsets"]["positions_only"]:
-        subsets["mask positions only"] = f"{SIS_METHOD}-positions-{fraction}"
-    runs = [("full images", f"results/models/{model}/metrics.csv")]
-    runs += [
-        (group, f"results/retrain/{model}/{subset}-s{seed}/metrics.csv")
-        for group, subset in subsets.items()
-        for seed in RETRAIN_SEEDS
-    ]
-    return runs
-
-
-def entry_args(pairs):
-    return " ".join(f"--entry {shlex.quote(name)} {path}" for name, path in pairs)
+# (common.smk), its caption, and its paths in that stage's outputs (e.g. figure_outputs() in common.smk).
 
 
 rule figure_training_curves:
@@ -61,13 +16,15 @@ rule figure_training_curves:
             subcategory="Training curves",
         ),
         pdf="results/figures/training_curves.pdf",
+    log:
+        "logs/figures/training_curves.log",
+    conda:
+        "../../envs/overinterp.yaml"
     params:
         entries=lambda w, input: entry_args(zip(map(arch_of, MODELS), input)),
         prefix=figure_prefix,
-    log:
-        "logs/figures/training_curves.log",
     shell:
-        "{OVERINTERP} figures training-curves {params.entries} --title 'Full-image models' "
+        "python -m overinterp figures training-curves {params.entries} --title 'Full-image models' "
         "--out {params.prefix} 2> {log}"
 
 
@@ -83,14 +40,18 @@ rule figure_retrain_curves:
             labels={"model": "{model}"},
         ),
         pdf="results/figures/retrain_curves/{model}.pdf",
+    log:
+        "logs/figures/retrain_curves/{model}.log",
+    conda:
+        "../../envs/overinterp.yaml"
     params:
         entries=lambda w: entry_args(retrain_runs(w.model)),
         prefix=figure_prefix,
-        title=lambda w: shlex.quote(f"Models trained on {100 * FRACTIONS[0]:g}% pixel subsets of {w.model}"),
-    log:
-        "logs/figures/retrain_curves/{model}.log",
+        title=lambda w: shlex.quote(
+            f"Models trained on {100 * float(FRACTIONS[0]):g}% pixel subsets of {w.model}"
+        ),
     shell:
-        "{OVERINTERP} figures training-curves {params.entries} --title {params.title} --out {params.prefix} 2> {log}"
+        "python -m overinterp figures training-curves {params.entries} --title {params.title} --out {params.prefix} 2> {log}"
 
 
 rule figure_sis_examples:
@@ -107,23 +68,31 @@ rule figure_sis_examples:
             labels={"model": "{model}"},
         ),
         pdf="results/figures/sis_examples/{model}.pdf",
+    log:
+        "logs/figures/sis_examples/{model}.log",
+    conda:
+        "../../envs/overinterp.yaml"
     params:
         tau=config["sis"]["tau"],
         per_class=config["figures"]["sis_examples_per_class"],
         norm=normalization_args(),
         prefix=figure_prefix,
-        title=lambda w: shlex.quote(f"{w.model}: sufficient input subsets ({SIS_METHOD} backward selection)"),
-    log:
-        "logs/figures/sis_examples/{model}.log",
+        title=lambda w: shlex.quote(
+            f"{w.model}: sufficient input subsets ({SIS_METHOD} backward selection)"
+        ),
     shell:
-        "{OVERINTERP} figures sis-examples --data {input.data} --model {input.model} --sis {input.sis} "
+        "python -m overinterp figures sis-examples --data {input.data} --model {input.model} --sis {input.sis} "
         "--tau {params.tau} --per-class {params.per_class} {params.norm} --title {params.title} "
         "--out {params.prefix} 2> {log}"
 
 
 rule figure_confidence_curves:
     input:
-        expand("results/sis/{model}/{method}/test.npz", model=sis_models(), method=SIS_METHOD),
+        expand(
+            "results/sis/{model}/{method}/test.npz",
+            model=sis_models(),
+            method=SIS_METHOD,
+        ),
     output:
         png=report(
             "results/figures/confidence_curves.png",
@@ -132,14 +101,16 @@ rule figure_confidence_curves:
             subcategory="Confidence along backward selection",
         ),
         pdf="results/figures/confidence_curves.pdf",
+    log:
+        "logs/figures/confidence_curves.log",
+    conda:
+        "../../envs/overinterp.yaml"
     params:
         entries=lambda w, input: entry_args(zip(sis_models(), input)),
         tau=config["sis"]["tau"],
         prefix=figure_prefix,
-    log:
-        "logs/figures/confidence_curves.log",
     shell:
-        "{OVERINTERP} figures confidence-curves {params.entries} --tau {params.tau} --out {params.prefix} 2> {log}"
+        "python -m overinterp figures confidence-curves {params.entries} --tau {params.tau} --out {params.prefix} 2> {log}"
 
 
 rule figure_sis_sizes:
@@ -154,14 +125,16 @@ rule figure_sis_sizes:
             subcategory="SIS sizes",
         ),
         pdf="results/figures/sis_sizes.pdf",
+    log:
+        "logs/figures/sis_sizes.log",
+    conda:
+        "../../envs/overinterp.yaml"
     params:
         entries=lambda w, input: entry_args(zip(sis_models(), input.per_image)),
         tau=config["sis"]["tau"],
         prefix=figure_prefix,
-    log:
-        "logs/figures/sis_sizes.log",
     shell:
-        "{OVERINTERP} figures sis-sizes {params.entries} --summary {input.summary} --tau {params.tau} "
+        "python -m overinterp figures sis-sizes {params.entries} --summary {input.summary} --tau {params.tau} "
         "--out {params.prefix} 2> {log}"
 
 
@@ -176,13 +149,15 @@ rule figure_table1:
             subcategory="Table 1",
         ),
         pdf="results/figures/table1.pdf",
+    log:
+        "logs/figures/table1.log",
+    conda:
+        "../../envs/overinterp.yaml"
     params:
         fraction=FRACTIONS[0],
         prefix=figure_prefix,
-    log:
-        "logs/figures/table1.log",
     shell:
-        "{OVERINTERP} figures table1 --table {input} --fraction {params.fraction} --out {params.prefix} 2> {log}"
+        "python -m overinterp figures table1 --table {input} --fraction {params.fraction} --out {params.prefix} 2> {log}"
 
 
 rule figure_fraction_sweep:
@@ -197,12 +172,14 @@ rule figure_fraction_sweep:
             subcategory="Kept-fraction sweep",
         ),
         pdf="results/figures/fraction_sweep.pdf",
-    params:
-        prefix=figure_prefix,
     log:
         "logs/figures/fraction_sweep.log",
+    conda:
+        "../../envs/overinterp.yaml"
+    params:
+        prefix=figure_prefix,
     shell:
-        "{OVERINTERP} figures fraction-sweep --sweep {input.sweep} --table {input.table} --out {params.prefix} 2> {log}"
+        "python -m overinterp figures fraction-sweep --sweep {input.sweep} --table {input.table} --out {params.prefix} 2> {log}"
 
 
 # One rule per report table (caption workflow/report/table_<name>.rst).
@@ -221,9 +198,11 @@ for _table, (_title, _stage) in REPORT_TABLES.items():
                 subcategory="Tables",
                 labels={"table": _title},
             ),
-        params:
-            title=shlex.quote(_title),
         log:
             f"logs/tables/{_table}_html.log",
+        conda:
+            "../../envs/overinterp.yaml"
+        params:
+            title=shlex.quote(_title),
         shell:
-            "{OVERINTERP} figures table-html --table {input} --title {params.title} --out {output} 2> {log}"
+            "python -m overinterp figures table-html --table {input} --title {params.title} --out {output} 2> {log}"

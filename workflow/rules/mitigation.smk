@@ -4,19 +4,17 @@
 
 rule ensemble:
     input:
-        lambda w: [f"results/models/{member}/model.pt" for member in ensemble_members(w.name)],
+        lambda w: [
+            f"results/models/{member}/model.pt" for member in ensemble_members(w.name)
+        ],
     output:
         "results/models/ensemble-{name}/model.pt",
     log:
         "logs/ensemble/{name}.log",
+    conda:
+        "../../envs/overinterp.yaml"
     shell:
-        "{OVERINTERP} ensemble --out {output} {input} 2> {log}"
-
-
-def mitigation_outputs():
-    if not mitigation_models():
-        return []
-    return ["results/tables/mitigation.md", "results/figures/mitigation.png", "results/figures/mitigation.pdf"]
+        "python -m overinterp ensemble --out {output} {input} 2> {log}"
 
 
 rule mitigation_table:
@@ -36,18 +34,22 @@ rule mitigation_table:
         sizes=expand("results/tables/sis_sizes/{model}.csv", model=compared_models()),
     output:
         multiext("results/tables/mitigation", ".csv", ".md"),
-    params:
-        tau=config["sis"]["tau"],
     log:
         "logs/tables/mitigation.log",
+    conda:
+        "../../envs/overinterp.yaml"
+    params:
+        tau=config["sis"]["tau"],
     shell:
-        "{OVERINTERP} tables mitigation --tau {params.tau} --out results/tables/mitigation "
+        "python -m overinterp tables mitigation --tau {params.tau} --out results/tables/mitigation "
         "--sis-sizes {input.sizes} --summaries {input.summaries} 2> {log}"
 
 
 rule figure_mitigation:
     input:
-        per_image=expand("results/tables/sis_sizes/{model}.csv", model=compared_models()),
+        per_image=expand(
+            "results/tables/sis_sizes/{model}.csv", model=compared_models()
+        ),
         table="results/tables/mitigation.csv",
     output:
         png=report(
@@ -57,12 +59,14 @@ rule figure_mitigation:
             subcategory="Ensembles and input dropout",
         ),
         pdf="results/figures/mitigation.pdf",
+    log:
+        "logs/figures/mitigation.log",
+    conda:
+        "../../envs/overinterp.yaml"
     params:
         entries=lambda w, input: entry_args(zip(compared_models(), input.per_image)),
         tau=config["sis"]["tau"],
         prefix=figure_prefix,
-    log:
-        "logs/figures/mitigation.log",
     shell:
-        "{OVERINTERP} figures mitigation {params.entries} --table {input.table} --tau {params.tau} "
+        "python -m overinterp figures mitigation {params.entries} --table {input.table} --tau {params.tau} "
         "--out {params.prefix} 2> {log}"

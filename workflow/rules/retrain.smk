@@ -8,21 +8,27 @@ rule retrain:
     output:
         model="results/retrain/{model}/{subset}-s{seed}/model.pt",
         metrics="results/retrain/{model}/{subset}-s{seed}/metrics.csv",
+    log:
+        "logs/retrain/{model}/{subset}-s{seed}.log",
+    benchmark:
+        "results/benchmarks/retrain/{model}/{subset}-s{seed}.tsv"
+    conda:
+        "../../envs/overinterp.yaml"
+    threads: HEAVY_THREADS
+    resources:
+        gpu=1,
     params:
         arch=lambda w: arch_of(w.model),
         recipe=recipe_json(),  # a fresh model with the plain recipe, whatever selected the pixels
         sizes=size_args(),
         norm=normalization_args(),
-        positions=lambda w: "--positions-only" if parse_subset(w.subset)["subset"] == "positions" else "",
-    threads: HEAVY_THREADS
-    resources:
-        gpu=1,
-    log:
-        "logs/retrain/{model}/{subset}-s{seed}.log",
-    benchmark:
-        "results/benchmarks/retrain/{model}/{subset}-s{seed}.tsv"
+        positions=lambda w: (
+            "--positions-only"
+            if parse_subset(w.subset)["subset"] == "positions"
+            else ""
+        ),
     shell:
-        "{OVERINTERP} --threads {threads} train --data {input.data} --arch {params.arch} --seed {wildcards.seed} "
+        "python -m overinterp --threads {threads} train --data {input.data} --arch {params.arch} --seed {wildcards.seed} "
         "--recipe {params.recipe} {params.sizes} {params.norm} --keep-masks {input.masks} {params.positions} "
         "--checkpoint results/checkpoints/retrain/{wildcards.model}/{wildcards.subset}-s{wildcards.seed}.pt "
         "--out {output.model} --metrics {output.metrics} 2> {log}"
@@ -37,15 +43,21 @@ rule evaluate_retrained:
     output:
         predictions="results/retrain/{model}/{subset}-s{seed}/test.csv",
         summary="results/retrain/{model}/{subset}-s{seed}/test.json",
+    log:
+        "logs/evaluate/retrain/{model}/{subset}-s{seed}.log",
+    conda:
+        "../../envs/overinterp.yaml"
     params:
         size=split_size_arg("test"),
         norm=normalization_args(),
-        positions=lambda w: "--positions-only" if parse_subset(w.subset)["subset"] == "positions" else "",
+        positions=lambda w: (
+            "--positions-only"
+            if parse_subset(w.subset)["subset"] == "positions"
+            else ""
+        ),
         tags=lambda w: evaluation_tags(w.model, "trained", w.subset, seed=w.seed),
-    log:
-        "logs/evaluate/retrain/{model}/{subset}-s{seed}.log",
     shell:
-        "{OVERINTERP} evaluate --data {input.data} --model {input.model} --keep-masks {input.masks} "
+        "python -m overinterp evaluate --data {input.data} --model {input.model} --keep-masks {input.masks} "
         "{params.positions} {params.size} {params.norm} {params.tags} "
         "--reference-predictions {input.reference} "
         "--predictions {output.predictions} --summary {output.summary} 2> {log}"

@@ -9,21 +9,25 @@ rule backselect_subsets:
         "results/subsets/{model}/{method}/bs-{fraction}.npz",
     log:
         "logs/subsets/{model}/{method}-bs-{fraction}.log",
+    conda:
+        "../../envs/overinterp.yaml"
     shell:
-        "{OVERINTERP} subsets backselect --sis-train {input.train} --sis-test {input.test} "
+        "python -m overinterp subsets backselect --sis-train {input.train} --sis-test {input.test} "
         "--fraction {wildcards.fraction} --out {output} 2> {log}"
 
 
+# Keep-masks of the test images alone, to evaluate a model on its own subsets.
 rule backselect_test_subsets:
-    """Keep-masks of the test images alone, to evaluate a model on its own subsets."""
     input:
         test="results/sis/{model}/{method}/test.npz",
     output:
         "results/subsets/{model}/{method}/bs-{fraction}-test.npz",
     log:
         "logs/subsets/{model}/{method}-bs-{fraction}-test.log",
+    conda:
+        "../../envs/overinterp.yaml"
     shell:
-        "{OVERINTERP} subsets backselect --sis-test {input.test} --fraction {wildcards.fraction} --out {output} 2> {log}"
+        "python -m overinterp subsets backselect --sis-test {input.test} --fraction {wildcards.fraction} --out {output} 2> {log}"
 
 
 rule random_subsets:
@@ -31,18 +35,22 @@ rule random_subsets:
         DATASET,
     output:
         "results/subsets/random-{fraction}.npz",
-    params:
-        sizes=size_args(),
-        seeds="--seed-train {train} --seed-test {test}".format(**config["subsets"]["random_seeds"]),
     log:
         "logs/subsets/random-{fraction}.log",
+    conda:
+        "../../envs/overinterp.yaml"
+    params:
+        sizes=size_args(),
+        seeds="--seed-train {train} --seed-test {test}".format(
+            **config["subsets"]["random_seeds"]
+        ),
     shell:
-        "{OVERINTERP} subsets random --data {input} {params.sizes} {params.seeds} "
+        "python -m overinterp subsets random --data {input} {params.sizes} {params.seeds} "
         "--fraction {wildcards.fraction} --out {output} 2> {log}"
 
 
+# The full-image model on pixel subsets of the test images: is it confident on 5% of the pixels?
 rule evaluate_on_subsets:
-    """The full-image model on pixel subsets of the test images: is it confident on 5% of the pixels?"""
     input:
         data=DATASET,
         model="results/models/{model}/model.pt",
@@ -50,13 +58,15 @@ rule evaluate_on_subsets:
     output:
         predictions="results/eval/{model}/{subset}.csv",
         summary="results/eval/{model}/{subset}.json",
+    log:
+        "logs/evaluate/{model}-{subset}.log",
+    conda:
+        "../../envs/overinterp.yaml"
     params:
         size=split_size_arg("test"),
         norm=normalization_args(),
         tags=lambda w: evaluation_tags(w.model, "original", w.subset),
-    log:
-        "logs/evaluate/{model}-{subset}.log",
     shell:
-        "{OVERINTERP} evaluate --data {input.data} --model {input.model} --keep-masks {input.masks} "
+        "python -m overinterp evaluate --data {input.data} --model {input.model} --keep-masks {input.masks} "
         "{params.size} {params.norm} {params.tags} "
         "--predictions {output.predictions} --summary {output.summary} 2> {log}"

@@ -2,28 +2,30 @@
 
 
 rule train:
-    wildcard_constraints:
-        model=SINGLE_MODEL_PATTERN,
     input:
         DATASET,
     output:
         model="results/models/{model}/model.pt",
         metrics="results/models/{model}/metrics.csv",
+    log:
+        "logs/train/{model}.log",
+    benchmark:
+        "results/benchmarks/train/{model}.tsv"
+    wildcard_constraints:
+        model=SINGLE_MODEL_PATTERN,
+    conda:
+        "../../envs/overinterp.yaml"
+    threads: HEAVY_THREADS
+    resources:
+        gpu=1,
     params:
         arch=lambda w: arch_of(w.model),
         seed=lambda w: seed_of(w.model),
         recipe=lambda w: recipe_json(w.model),
         sizes=size_args(),
         norm=normalization_args(),
-    threads: HEAVY_THREADS
-    resources:
-        gpu=1,
-    log:
-        "logs/train/{model}.log",
-    benchmark:
-        "results/benchmarks/train/{model}.tsv"
     shell:
-        "{OVERINTERP} --threads {threads} train --data {input} --arch {params.arch} --seed {params.seed} "
+        "python -m overinterp --threads {threads} train --data {input} --arch {params.arch} --seed {params.seed} "
         "--recipe {params.recipe} {params.sizes} {params.norm} "
         "--checkpoint results/checkpoints/{wildcards.model}.pt "
         "--out {output.model} --metrics {output.metrics} 2> {log}"
@@ -36,12 +38,14 @@ rule evaluate:
     output:
         predictions="results/eval/{model}/full.csv",
         summary="results/eval/{model}/full.json",
+    log:
+        "logs/evaluate/{model}.log",
+    conda:
+        "../../envs/overinterp.yaml"
     params:
         size=split_size_arg("test"),
         norm=normalization_args(),
         tags=lambda w: evaluation_tags(w.model),
-    log:
-        "logs/evaluate/{model}.log",
     shell:
-        "{OVERINTERP} evaluate --data {input.data} --model {input.model} {params.size} {params.norm} {params.tags} "
+        "python -m overinterp evaluate --data {input.data} --model {input.model} {params.size} {params.norm} {params.tags} "
         "--predictions {output.predictions} --summary {output.summary} 2> {log}"
