@@ -98,3 +98,18 @@ def test_unexpected_layout(tmp_path):
 def test_balanced_subset_rejects_uneven_sizes():
     with pytest.raises(DataError, match="multiple of the number of classes"):
         balanced_subset(np.repeat(np.arange(10), 5), 15)
+
+
+def test_the_committed_data_pointer_names_the_official_archive():
+    """data.dvc is in every clone: `dvc pull data.dvc` fetches the archive that the download rule checks."""
+    import yaml
+
+    from conftest import REPO
+    from overinterp.data import CIFAR10_MD5
+
+    (out,) = yaml.safe_load((REPO / "data.dvc").read_text())["outs"]
+    config = yaml.safe_load((REPO / "config/config.yaml").read_text())
+    assert out == {"md5": CIFAR10_MD5, "size": 170498071, "hash": "md5", "path": "data/cifar10/cifar-10-python.tar.gz"}
+    assert config["cifar10"]["md5"] == CIFAR10_MD5
+    rule = (REPO / "workflow/rules/data.smk").read_text()
+    assert f'"{out["path"]}"' in rule  # the download rule's output is the file the pointer tracks

@@ -213,7 +213,7 @@ def test_answers_play_no_part_in_the_bundle_text(study, cifar_npz, masks, receiv
     assert label_changes(list(pd.read_csv(study["manifest"], dtype=str)["image_id"]), key) > 0.6 * (len(key) - 1)
 
 
-def test_a_rebuild_gets_new_ids_unless_given_the_answer_key(study, cifar_npz, masks, tmp_path, receiver):
+def test_a_rebuild_gets_new_ids_unless_given_the_answer_key(study, cifar_npz, masks, tmp_path, receiver, capsys):
     fresh = build_study(cifar_npz, masks, tmp_path / "fresh", post_url=receiver[0])
     old, new = read_key(study["key"]), read_key(fresh["key"])
     assert not set(old["image_id"]) & set(new["image_id"])  # same settings, no id in common
@@ -222,9 +222,13 @@ def test_a_rebuild_gets_new_ids_unless_given_the_answer_key(study, cifar_npz, ma
     again = build_study(cifar_npz, masks, tmp_path / "again", post_url=receiver[0], reproduce=study["key"])
     for name in ("zip", "key", "manifest"):
         assert again[name].read_bytes() == study[name].read_bytes(), name
-    other_masks = dict(masks, random=masks["bs"])  # a key of another study is refused, naming it
-    with pytest.raises(AssertionError):
-        build_study(cifar_npz, other_masks, tmp_path / "x", reproduce=tmp_path / "missing.csv")
+    # The key of another study (here: other images drawn for the full condition) is refused, naming it.
+    args = ["humaneval", "build", "--data", str(cifar_npz), "--full-count", "10", "--full-seed", "999",
+            "--reproduce", str(study["key"]), "--bundle", str(tmp_path / "x"), "--zip", str(tmp_path / "x.zip"),
+            "--key", str(tmp_path / "x.csv"), "--manifest", str(tmp_path / "xm.csv")]
+    assert main(args) == 2
+    assert f"--reproduce {study['key']}: that answer key is of another study" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def attacker_guesses(study: dict[str, Path], counts: dict[str, int]) -> dict[str, dict[str, str]]:

@@ -164,7 +164,7 @@ def publish(root: Path, snakemake_args: list[str], remote: str | None = None, fo
     folders = {f for f in (DATA_DIR, *HEAVY_DIRS) if (root / f).is_dir()}
     if not folders & set(HEAVY_DIRS):
         raise DataError(f"nothing to publish: none of {', '.join(HEAVY_DIRS)} exists; run the workflow first")
-    source = _source_commit(root, force)
+    code = _source_commit(root, force)
     _check_remote(root, remote)
     outputs = workflow_outputs(root, snakemake_args)
     persistence = _persistence(root)
@@ -213,8 +213,11 @@ def publish(root: Path, snakemake_args: list[str], remote: str | None = None, fo
     for folder, dvc_file in zip(folders, dvc_files):
         stage = yaml.safe_load(dvc_file.read_text())
         meta = stage.setdefault("meta", {})
-        meta[META_KEY] = _relative({f: records[f] for f in files[folder] if f in records}, root)
-        meta["source"] = source
+        # Without the shell command: it holds local paths (a mirror's file:// address), and no rerun
+        # trigger reads it.
+        published = {f: {k: v for k, v in records[f].items() if k != "shellcmd"} for f in files[folder] if f in records}
+        meta[META_KEY] = _relative(published, root)
+        meta["source"] = code
         dvc_file.write_text(yaml.safe_dump(stage, sort_keys=False))
     _run(_dvc("push", *(["--remote", remote] if remote else []), *map(str, dvc_files)), root)
     print("Published " + ", ".join(folders) + ". Commit the pointers: git add "
