@@ -41,7 +41,7 @@ import torch
 from PIL import Image
 
 from .data import Normalizer, Split, load_split
-from .utils import OUTPUT_MODE, load_npz, save_dataframe
+from .utils import atomic_path, load_npz, save_dataframe
 
 log = logging.getLogger(__name__)
 
@@ -201,27 +201,6 @@ def manifest(key: pd.DataFrame) -> pd.DataFrame:
                          "image_url": [f"{IMAGE_DIR}/{i}.png" for i in ids]})
 
 
-@contextlib.contextmanager
-def staged_files(*paths: Path):
-    """Temporary files beside ``paths``, moved over them only once the block has written every one: a
-    failure (a full disk, a kill) leaves the old set whole and no new file beside it."""
-    staged = []
-    try:
-        for path in paths:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-            os.close(fd)
-            staged.append(Path(tmp))
-        yield staged
-    except BaseException:
-        for tmp in staged:
-            tmp.unlink(missing_ok=True)
-        raise
-    for tmp, path in zip(staged, paths):
-        os.chmod(tmp, OUTPUT_MODE)
-        os.replace(tmp, path)
-
-
 def build(split: Split, bundle: str, zip_path: str, key_path: str, manifest_path: str,
           conditions: list[ConditionSpec], normalizer: Normalizer, display_size: int = 256,
           post_url: str | None = None, reproduce: str | None = None) -> pd.DataFrame:
@@ -236,7 +215,10 @@ def build(split: Split, bundle: str, zip_path: str, key_path: str, manifest_path
     with tempfile.TemporaryDirectory(dir=bundle.parent, prefix=f".{bundle.name}.") as tmp:
         staged = Path(tmp) / bundle.name
         write_bundle(staged, key, images, split.classes, display_size, post_url)
-        with staged_files(Path(zip_path), Path(key_path), Path(manifest_path)) as (zip_tmp, key_tmp, manifest_tmp):
+        # Each file goes to a temporary name first and all are moved into place only once every one is
+        # written: a failure (a full disk, a kill) leaves the old study whole and nothing new beside it.
+        with contextlib.ExitStack() as outputs:
+            zip_tmp, key_tmp, manifest_tmp = (outputs.enter_context(atomic_path(p)) for p in (zip_path, key_path, manifest_path))
             write_zip(staged, zip_tmp)
             key[list(KEY_COLUMNS)].to_csv(key_tmp, index=False)
             manifest(key).to_csv(manifest_tmp, index=False)

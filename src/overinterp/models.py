@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .utils import DataError
+from .utils import DataError, load_torch, save_torch
 
 
 def conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
@@ -163,15 +163,11 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def save_model(path, model: nn.Module, arch: str, **meta) -> None:
-    from .utils import save_torch
-
     save_torch(path, {"arch": arch, "state_dict": model.state_dict(), "meta": meta})
 
 
 def save_ensemble(path, member_paths) -> None:
     """An ensemble file holds its members' model files, so it loads and runs like any single model."""
-    from .utils import load_torch, save_torch
-
     members = [load_torch(p) for p in member_paths]
     save_torch(path, {"arch": "ensemble", "members": members, "meta": {"members": [str(p) for p in member_paths]}})
 
@@ -187,8 +183,6 @@ def _from_blob(blob: dict) -> nn.Module:
 
 def load_model(path, device: torch.device | str = "cpu") -> nn.Module:
     """Load a model or ensemble file, in eval mode, channels_last, on ``device``."""
-    from .utils import load_torch
-
     blob = load_torch(path, map_location=device)
     if not isinstance(blob, dict) or "arch" not in blob:
         raise DataError(f"{path} is not a model file of this pipeline (no 'arch' entry); make it with "

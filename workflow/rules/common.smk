@@ -74,9 +74,8 @@ def check_config():
         )
     if not config["cifar10"]["enabled"]:
         return
-    test_size = (
-        config["dataset"]["test_size"] or 10000
-    )  # null = the whole CIFAR-10 test split
+    # null = the whole CIFAR-10 test split
+    test_size = config["dataset"]["test_size"] or 10000
     per_class = test_size // 10
     needed = {
         c: -(-config["humaneval"][c]["count"] // 10) for c in ("bs", "random", "full")
