@@ -32,8 +32,9 @@ else
 SNAKEMAKE_ARGS = --configfile $(CONFIG) $(ARGS)
 endif
 
+# A failed job's log (where its error message is) is printed on the console, not only named.
 run: install
-	$(BIN)/snakemake --cores $(CORES) $(SNAKEMAKE_ARGS)
+	$(BIN)/snakemake --cores $(CORES) --show-failed-logs $(SNAKEMAKE_ARGS)
 
 report: install
 	$(BIN)/snakemake --cores $(CORES) --report results/report.html $(SNAKEMAKE_ARGS)

@@ -613,7 +613,7 @@ def test_all_participants_excluded_and_mismatched_predictions_are_errors(study, 
     for row, cls in zip(rows, key["label"]):
         row[4] = classes[(cls + 1) % 10]
     careless = write_responses(tmp_path / "careless.csv", rows)
-    with pytest.raises(ValueError, match="all 1 participants fail the attention checks"):
+    with pytest.raises(ValueError, match=r"all 1 participants fail the attention checks .*\(p1: attention-check accuracy 0\.000 below 0\.5\)"):
         score(str(study["key"]), [str(careless)], classes, 0.5, [], *outputs)
     assert not pd.read_csv(outputs[1])["included"].any()  # the exclusions are still reported
 

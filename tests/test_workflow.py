@@ -103,3 +103,14 @@ def test_make_passes_config_files_as_snakemake_would(args, expected):
                             capture_output=True, text=True, check=True)
     command = [line for line in result.stdout.splitlines() if "snakemake" in line][-1]
     assert command.strip().endswith(expected) and ("quick.yaml" in command) == ("quick.yaml" in expected), command
+
+
+def test_make_run_shows_a_failed_jobs_error_on_the_console(cifar_archive, tmp_path):
+    """The message is in the job's log; `make run` prints that log, not just its path."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"cifar10:\n  url: {cifar_archive[0].resolve().as_uri()}\n  md5: {'f' * 32}\n")
+    args = f"--configfile {REPO / 'config/smoke.yaml'} {bad} --directory {tmp_path / 'run'} data/cifar10/cifar-10-python.tar.gz"
+    result = subprocess.run(["make", "-o", ".venv/.installed", "run", f"ARGS={args}", "CORES=1"], cwd=REPO,
+                            capture_output=True, text=True, timeout=600)
+    console = result.stdout + result.stderr
+    assert result.returncode != 0 and "Checksum mismatch" in console and "verify the source" in console, console[-3000:]

@@ -456,8 +456,10 @@ def score(key_path: str, response_paths: list[str], classes: list[str], threshol
              len(people), threshold)
     save_dataframe(participants_path, neutralize_formulas(people))
     if len(excluded) == len(people):
+        # The reasons go into the message itself: Snakemake deletes a failed job's outputs.
+        reasons = "; ".join(f"{p.participant_id}: {p.reason}" for p in excluded.head(5).itertuples())
         raise ValueError(f"all {len(people)} participants fail the attention checks (threshold {threshold}); "
-                         f"nothing to score. See {participants_path}")
+                         f"nothing to score ({reasons}{'; ...' if len(excluded) > 5 else ''})")
     included = answers[answers["participant_id"].isin(people.loc[people["included"], "participant_id"])]
     rows = human_accuracy(included, key)
     rows += [model_accuracy(*parse_model_predictions(spec), key) for spec in model_predictions]
