@@ -114,3 +114,18 @@ def test_make_run_shows_a_failed_jobs_error_on_the_console(cifar_archive, tmp_pa
                             capture_output=True, text=True, timeout=600)
     console = result.stdout + result.stderr
     assert result.returncode != 0 and "Checksum mismatch" in console and "verify the source" in console, console[-3000:]
+
+
+def test_references_to_readme_sections_name_existing_sections():
+    headings = set(re.findall(r"^#{2,3} (.+)$", (REPO / "README.md").read_text(), re.M))
+    cited = []
+    for folder in ("config", "workflow", "src", "profiles"):
+        for path in (REPO / folder).rglob("*"):
+            if path.is_file() and path.suffix in (".yaml", ".smk", ".py", ".rst", ".md"):
+                text = path.read_text()
+                quoted = r"""(?:"[^"\n]+"|'[^'\n]+')"""
+                for match in re.finditer(rf"README,?\s*#?\s*((?:{quoted}(?:,? (?:and )?)?)+)", text):
+                    cited += [(path.name, name[1:-1]) for name in re.findall(quoted, match.group(1))]
+    assert ("config.yaml", "Configurations") in cited  # a reference that wraps onto the next comment line
+    missing = [(f, name) for f, name in cited if name not in headings]
+    assert not missing, missing
