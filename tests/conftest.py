@@ -86,6 +86,28 @@ def cifar_npz(cifar_archive, tmp_path_factory) -> Path:
     return convert(cifar_archive[0], tmp_path_factory.mktemp("converted") / "cifar10.npz")
 
 
+@pytest.fixture(scope="session")
+def cifar_imagefolder(cifar_npz, tmp_path_factory) -> Path:
+    """ROOT/{train,test}/<class>/*.png: 300 training and 100 test images of CIFAR-10 as lossless PNGs
+    (`make-cifar10-archive --imagefolder` where ../shared is present, else written from the small dataset)."""
+    out = tmp_path_factory.mktemp("imagefolder")
+    script = SHARED_DATA / "make-cifar10-archive"
+    if script.exists():
+        subprocess.run([sys.executable, str(script), str(out), "--train", "30", "--test", "10", "--imagefolder"],
+                       check=True, capture_output=True)
+        return out / "imagefolder"
+    from PIL import Image
+
+    arrays = np.load(cifar_npz)
+    for split, per_class in (("train", 30), ("test", 10)):
+        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        for c, name in enumerate(arrays["classes"]):
+            (out / "imagefolder" / split / str(name)).mkdir(parents=True)
+            for k, i in enumerate(np.flatnonzero(labels == c)[:per_class]):
+                Image.fromarray(images[i].transpose(1, 2, 0)).save(out / "imagefolder" / split / str(name) / f"{k:04d}.png")
+    return out / "imagefolder"
+
+
 def snakemake(workdir: Path, *args: str, configfiles: tuple[Path, ...] = (), check: bool = True,
               timeout: float = 1800) -> subprocess.CompletedProcess:
     """Run the project's workflow with ``workdir`` as working directory; returns the finished process."""

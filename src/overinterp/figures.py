@@ -353,11 +353,14 @@ def pick_examples(result: BackSelectResult, labels: np.ndarray, tau: float, per_
 
 def sis_examples(images: np.ndarray, labels: np.ndarray, result: BackSelectResult,
                  masks: list[np.ndarray | None], sis_confidence: np.ndarray, picks: list[list[int]],
-                 classes: list[str], normalizer, prefix, tau: float, title: str) -> Figure:
+                 classes: list[str], normalizer, prefix, tau: float, title: str,
+                 shown: list[int] | None = None) -> Figure:
     """The paper's Figure 1 for one model: per class (rows) and example, the original image with the
     model's prediction and confidence, its SIS at ``tau`` with every other pixel in the mean colour, and
     the SIS mask. ``images`` are uint8 NCHW rows aligned with ``result``; ``sis_confidence`` is the
-    model's f on each SIS-only image."""
+    model's f on each SIS-only image. ``shown`` lists the classes of the rows (default: all), and
+    ``picks`` holds one list per shown class."""
+    shown = list(range(len(classes))) if shown is None else shown
     if not any(picks):  # e.g. an undertrained model: say so on a small sheet instead of ten empty rows
         with plt.rc_context(STYLE):
             fig, ax = plt.subplots(figsize=(WIDTH, 1.2), layout="constrained")
@@ -370,22 +373,23 @@ def sis_examples(images: np.ndarray, labels: np.ndarray, result: BackSelectResul
     # Three panels per example, a narrow empty column between examples.
     ratios = ([1, 1, 1, 0.3] * per_class)[:-1]
     with plt.rc_context({**STYLE, "axes.grid": False}):
-        size = (0.95 * sum(ratios) + 0.7, 1.0 * len(classes) + 0.4)
-        fig, grid = plt.subplots(len(classes), len(ratios), figsize=size, width_ratios=ratios, squeeze=False,
+        size = (0.95 * sum(ratios) + 0.7, 1.0 * len(shown) + 0.4)
+        fig, grid = plt.subplots(len(shown), len(ratios), figsize=size, width_ratios=ratios, squeeze=False,
                                  layout="constrained")
         for ax in grid.flat:
             ax.set_axis_off()
         axes = np.delete(grid, np.arange(3, len(ratios), 4), axis=1)  # without the spacers
-        for c, row in enumerate(axes):
+        for c, row in zip(shown, axes):
             row[0].text(-0.12, 0.5, classes[c], transform=row[0].transAxes, ha="right", va="center", fontsize=8)
-            if not picks[c]:
+            picked = picks[shown.index(c)]
+            if not picked:
                 best = result.full_confidence[labels == c].max(initial=0)
                 note = row[0].text(0, 0.5, f"no {classes[c]} test image reaches full-image confidence τ = {tau:g} "
                                    f"(highest: {best:.3f})", transform=row[0].transAxes, ha="left", va="center",
                                    fontsize=6.5, color="#555555")
                 note.set_in_layout(False)  # may run across the empty panels
                 continue
-            for k, i in enumerate(picks[c]):
+            for k, i in enumerate(picked):
                 image = torch.from_numpy(images[i][None])
                 keep = torch.from_numpy(masks[i].reshape(1, 1, height, width))
                 ax_img, ax_sis, ax_mask = row[3 * k: 3 * k + 3]
@@ -406,6 +410,81 @@ def sis_examples(images: np.ndarray, labels: np.ndarray, result: BackSelectResul
                      "its SIS (f on the SIS alone), the SIS mask", fontsize=8)
         fig.get_layout_engine().set(h_pad=0.02, hspace=0.12)
         return save_figure(fig, prefix)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Audit figures (overinterp audit)
+
+
+def audit_sis_sizes(predictions: pd.DataFrame, taus, prefix) -> Figure:
+    """Per threshold, the distribution (ECDF) of SIS sizes of correctly classified vs misclassified images."""
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, len(taus), figsize=(WIDTH, 2.4), sharey=True, squeeze=False, layout="constrained")
+        for ax, tau in zip(axes[0], taus):
+            size = predictions[f"sis_percent_tau{tau:g}"]
+            drawn = False
+            for correct, name, colour in ((True, "correct", OKABE_ITO["blue"]),
+                                          (False, "misclassified", OKABE_ITO["vermillion"])):
+                values = np.sort(size[size.notna() & (predictions["correct"] == correct)].to_numpy())
+                if len(values):
+                    ax.step(np.concatenate([[0], values]), np.arange(len(values) + 1) / len(values), where="post",
+                            color=colour, label=f"{name} (n = {len(values)})")
+                    drawn = True
+            ax.set_title(f"τ = {tau:g}", fontsize=9)
+            ax.set_xlabel("SIS size (% of pixels)")
+            ax.set_xlim(left=0)
+            if drawn:
+                ax.legend(fontsize=7, loc="best")
+            else:
+                _empty_note(ax, f"no image reaches\nconfidence {tau:g}")
+        axes[0][0].set_ylabel("share of images with SIS ≤ x")
+        _percent_axis(axes[0][0])
+        fig.suptitle("SIS sizes of the images whose full-image confidence reaches τ", fontsize=9)
+        return save_figure(fig, prefix)
+
+
+def audit_subsets(sweep: pd.DataFrame, prefix, chance: float, tau: float) -> Figure:
+    """Accuracy and confidence on the model's own backward-selection subsets vs random subsets of each size."""
+    style = {"backselect": (OKABE_ITO["blue"], "o", "its backward-selection subset"),
+             "random": (OKABE_ITO["orange"], "s", "random pixels")}
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, 2, figsize=(WIDTH, 2.9), layout="constrained")
+        for ax, column, label in ((axes[0], "accuracy", "accuracy"),
+                                  (axes[1], "confidence", "confidence (predicted class)")):
+            for subset, (colour, marker, name) in style.items():
+                rows = sweep[sweep["subset"] == subset]
+                ax.plot(100 * rows["fraction"], rows[column], marker=marker, color=colour, label=name)
+            if column == "accuracy":
+                ax.axhline(chance, color="#777777", ls=":", lw=1, label="chance")
+            else:
+                ax.axhline(tau, color="#777777", ls="--", lw=1, label=f"τ = {tau:g}")
+            ax.set_xscale("log")
+            ax.set_xticks(100 * sweep["fraction"].unique())
+            ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}%"))
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            ax.set_xlabel("pixels kept")
+            ax.set_ylabel(label)
+            ax.set_ylim(0, 1.02)
+            _percent_axis(ax)
+        handles = axes[0].get_legend_handles_labels()[0] + axes[1].get_legend_handles_labels()[0][-1:]
+        fig.legend(handles=handles, loc="outside lower center", ncol=4, fontsize=7, frameon=False)
+        fig.suptitle("The model on a few of its pixels, every other pixel in the mean colour", fontsize=9)
+        return save_figure(fig, prefix)
+
+
+def audit_examples(audit, masks, sis_confidence: np.ndarray, settings, prefix) -> Figure:
+    """Figure-1-style sheet of an audit: the classes with the most confident images, a few examples each."""
+    from .data import Normalizer
+
+    result, images = audit.result, audit.images
+    confident = result.full_confidence >= settings.tau
+    counts = np.bincount(images.labels[confident], minlength=len(images.classes))
+    shown = [int(c) for c in np.argsort(-counts, kind="stable")[:5] if counts[c]] or [0]
+    picks = [[int(i) for i in np.flatnonzero((images.labels == c) & confident)[:settings.examples]] for c in shown]
+    colour = audit.summary["mean_colour"]
+    return sis_examples(images.images.numpy(), images.labels, result, masks, sis_confidence, picks,
+                        list(images.classes), Normalizer(colour, (1.0, 1.0, 1.0)), prefix, settings.tau,
+                        f"{audit.summary['model']}: SIS at τ = {settings.tau:g}", shown=shown)
 
 
 # ----------------------------------------------------------------------------------------------------------

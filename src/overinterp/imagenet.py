@@ -13,23 +13,22 @@ that frame; masked pixels take the baseline (0) after ImageNet normalisation, i.
 """
 from __future__ import annotations
 
-import functools
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 import torchvision.transforms.v2.functional as TF
-from PIL import Image
 from torch import nn
 from torchvision.transforms import RandomResizedCrop
 from tqdm import tqdm
 
 from .data import DataError, Normalizer
-from .efficientnet_lite import IMAGENET_MEAN, IMAGENET_STD, EfficientNetLite0
+from .datasets import check_image, load_frame, wnids
+from .efficientnet_lite import IMAGENET_MEAN, IMAGENET_STD
+from .models import imagenet_architecture
 from .subsets import unpack_keep
 from .train import model_inputs
 from .utils import load_npz, load_torch, save_dataframe
@@ -40,39 +39,12 @@ LAYOUT_HINT = ("Expected ROOT/train/<wnid>/*.JPEG and ROOT/val/<wnid>/*.JPEG (th
                "into their class folders, as torchvision's ImageFolder reads them); set `imagenet.root`.")
 
 
-@functools.cache
-def wnids() -> tuple[str, ...]:
-    """The 1,000 ImageNet-1k WordNet ids in canonical (sorted) order: position = class index."""
-    text = resources.files("overinterp").joinpath("imagenet_wnids.txt").read_text()
-    return tuple(text.split())
-
-
-@functools.cache
-def class_names() -> tuple[str, ...]:
-    """Human-readable names of the 1,000 classes, in class-index order (from torchvision's metadata)."""
-    from torchvision.models import ResNet50_Weights
-
-    return tuple(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
-
-
 def normalizer(baseline: float = 0.0) -> Normalizer:
     return Normalizer(IMAGENET_MEAN, IMAGENET_STD, baseline)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Layout validation and the index
-
-
-def _check_image(path: Path) -> str | None:
-    """None if ``path`` decodes, else the reason. A draft decode reads the whole file at 1/8 scale: cheap,
-    and it still fails on truncated or corrupt JPEGs."""
-    try:
-        with Image.open(path) as image:
-            image.draft("RGB", (64, 64))
-            image.load()
-    except Exception as err:  # PIL raises many types for damaged files
-        return f"{type(err).__name__}: {err}"
-    return None
 
 
 def _list_split(root: Path, split: str, num_classes: int) -> pd.DataFrame:
@@ -112,7 +84,7 @@ def build_index(root: str | Path, out_dir: str | Path, num_classes: int = 1000, 
     for split, table in tables.items():
         paths = [root / p for p in table["path"]]
         with ThreadPoolExecutor(max(1, workers)) as pool:
-            reasons = list(tqdm(pool.map(_check_image, paths), total=len(paths), desc=f"check {split} images"))
+            reasons = list(tqdm(pool.map(check_image, paths), total=len(paths), desc=f"check {split} images"))
         bad = [(str(p), r) for p, r in zip(paths, reasons) if r is not None]
         if bad:
             listing = "\n".join(f"  {p}: {r}" for p, r in bad[:20])
@@ -155,17 +127,6 @@ def load_index(index_csv: str | Path, root: str | Path, per_class: int | None = 
 # Images, keep-masks and augmentation
 
 
-def load_frame(path: Path, resize: int, crop: int) -> torch.Tensor:
-    """uint8 (3, crop, crop): the evaluation frame (shorter side -> ``resize``, centre crop ``crop``)."""
-    try:
-        with Image.open(path) as image:
-            pixels = TF.pil_to_tensor(image.convert("RGB"))
-    except Exception as err:
-        raise DataError(f"Cannot read image {path} ({type(err).__name__}: {err}); replace or remove it and "
-                        "rebuild the index.") from err
-    return TF.center_crop(TF.resize(pixels, resize, antialias=True), crop)
-
-
 def load_packed_keep(path, split: str, expected_index: np.ndarray) -> tuple[np.ndarray, int, int]:
     """Packed keep-masks of ``split`` from a keep-mask file (see :mod:`overinterp.subsets`), unpacked per image
     on demand: ImageNet's 1.28M masks fit in memory only packed."""
@@ -202,7 +163,7 @@ class ImageNetDataset(torch.utils.data.Dataset):
         return len(self.split)
 
     def __getitem__(self, i: int):
-        frame = load_frame(self.split.root / self.split.paths[i], self.resize, self.crop)
+        frame = load_frame(self.split.root / self.split.paths[i], (self.resize, self.crop))
         label = int(self.split.labels[i])
         keep = None
         if self.keep is not None:
@@ -233,22 +194,6 @@ MODEL_SPECS = {
     "resnet50": ModelSpec(256, 224, "ResNet50_Weights"),
     "efficientnet_lite0": ModelSpec(256, 224, None),
 }
-
-
-def build_architecture(arch: str, num_classes: int = 1000) -> nn.Module:
-    """An ImageNet network with fresh weights. Inception v3 has no auxiliary classifier (subset training uses
-    the main loss only) and keeps torchvision's input transform, which maps ImageNet-normalised inputs to the
-    scaling its pretrained weights expect, so pretrained and retrained models take the same inputs."""
-    import torchvision.models as tvm
-
-    if arch == "inception_v3":
-        return tvm.inception_v3(weights=None, num_classes=num_classes, aux_logits=False, transform_input=True,
-                                init_weights=True)
-    if arch == "resnet50":
-        return tvm.resnet50(weights=None, num_classes=num_classes)
-    if arch == "efficientnet_lite0":
-        return EfficientNetLite0(num_classes)
-    raise ValueError(f"unknown ImageNet architecture {arch!r}; choose one of {sorted(MODEL_SPECS)}")
 
 
 def pretrained_state_dict(arch: str, weights: str) -> dict:
@@ -282,7 +227,7 @@ def pretrained_state_dict(arch: str, weights: str) -> dict:
 
 
 def pretrained_model(arch: str, weights: str) -> nn.Module:
-    model = build_architecture(arch)
+    model = imagenet_architecture(arch)
     state = {k: v for k, v in pretrained_state_dict(arch, weights).items() if not k.startswith("AuxLogits.")}
     model.load_state_dict(state)
     return model.eval()

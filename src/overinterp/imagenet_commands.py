@@ -6,13 +6,15 @@ import dataclasses
 import json
 from pathlib import Path
 
-import torch
 
 from . import imagenet, imagenet_report, imagenet_sis
 from .imagenet_train import (ImageNetRecipe, imagenet_prediction_table, predict_dataset, summarize_imagenet,
                              train_imagenet)
+from .efficientnet_lite import IMAGENET_MEAN, IMAGENET_STD
 from .models import load_model, save_model
 from .utils import load_torch, resolve_device, save_dataframe, save_json
+
+IMAGENET_NORMALIZE = {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
 
 
 def _frame_args(p) -> None:
@@ -151,7 +153,7 @@ def add_commands(subparsers) -> None:
 def run_model(args: argparse.Namespace) -> int:
     model = imagenet.pretrained_model(args.arch, args.weights)
     resize, crop = _frame(args.arch, args)
-    save_model(args.out, model, args.arch, weights=args.weights, resize=resize, crop=crop)
+    save_model(args.out, model, args.arch, weights=args.weights, resize=resize, crop=crop, normalize=IMAGENET_NORMALIZE)
     return 0
 
 
@@ -171,7 +173,7 @@ def run_train(args: argparse.Namespace) -> int:
     model, metrics = train_imagenet(args.arch, train_set, recipe, args.seed, device, args.workers,
                                     args.checkpoint, val_set)
     save_model(args.out, model, args.arch, seed=args.seed, positions_only=args.positions_only,
-               recipe=dataclasses.asdict(recipe), resize=resize, crop=crop)
+               recipe=dataclasses.asdict(recipe), resize=resize, crop=crop, normalize=IMAGENET_NORMALIZE)
     save_dataframe(args.metrics, metrics)
     if args.checkpoint:
         Path(args.checkpoint).unlink(missing_ok=True)

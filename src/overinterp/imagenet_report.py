@@ -128,7 +128,7 @@ def examples_figure(shard_paths: list, split, fraction: float, tau: float, count
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .imagenet import class_names, load_frame
+    from .datasets import imagenet_class_names as class_names, load_frame
 
     arrays = load_shards(shard_paths)
     resize, crop = arrays["meta"]["resize"], arrays["height"]
@@ -141,7 +141,7 @@ def examples_figure(shard_paths: list, split, fraction: float, tau: float, count
     position_of = {row: i for i, row in enumerate(split.index)}
     for r in range(shown):
         row = int(arrays["index"][r])
-        image = load_frame(split.root / split.paths[position_of[row]], resize, crop).permute(1, 2, 0).numpy() / 255
+        image = load_frame(split.root / split.paths[position_of[row]], (resize, crop)).permute(1, 2, 0).numpy() / 255
         step = arrays["removal_step"][r].reshape(arrays["height"], arrays["width"])
         values = arrays["step_values"][r]
         target = class_names()[int(arrays["target"][r])]

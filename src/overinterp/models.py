@@ -1,6 +1,7 @@
 """CIFAR models (ResNet20, ResNet18, VGG16-BN and a tiny test net), ensembles and input dropout."""
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 import torch
@@ -8,6 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .utils import DataError, load_torch, save_torch
+
+log = logging.getLogger(__name__)
 
 
 def conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
@@ -94,23 +97,49 @@ class TinyNet(nn.Module):
         return self.head(torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1))
 
 
-ARCHITECTURES: dict[str, Callable[[], nn.Module]] = {
-    "resnet20": lambda: ResNet([16, 32, 64], [3, 3, 3], shortcut="A"),
-    "resnet18": lambda: ResNet([64, 128, 256, 512], [2, 2, 2, 2], shortcut="B"),
-    "vgg16_bn": lambda: VGG(VGG16_LAYOUT),
+def imagenet_architecture(arch: str, num_classes: int = 1000) -> nn.Module:
+    """An ImageNet network with fresh weights. Inception v3 has no auxiliary classifier (subset training uses
+    the main loss only) and keeps torchvision's input transform, which maps ImageNet-normalised inputs to the
+    scaling its pretrained weights expect, so pretrained and retrained models take the same inputs."""
+    import torchvision.models as tvm
+
+    from .efficientnet_lite import EfficientNetLite0
+
+    if arch == "inception_v3":
+        return tvm.inception_v3(weights=None, num_classes=num_classes, aux_logits=False, transform_input=True,
+                                init_weights=True)
+    if arch == "resnet50":
+        return tvm.resnet50(weights=None, num_classes=num_classes)
+    if arch == "efficientnet_lite0":
+        return EfficientNetLite0(num_classes)
+    raise ValueError(f"unknown ImageNet architecture {arch!r}; choose one of {sorted(IMAGENET_ARCHITECTURES)}")
+
+
+# The CIFAR networks take 32x32 CIFAR-normalised images; the prefix keeps them apart from torchvision's
+# ImageNet networks of the same family (torchvision:resnet18 is another network).
+CIFAR_ARCHITECTURES: dict[str, Callable[[], nn.Module]] = {
+    "cifar_resnet20": lambda: ResNet([16, 32, 64], [3, 3, 3], shortcut="A"),
+    "cifar_resnet18": lambda: ResNet([64, 128, 256, 512], [2, 2, 2, 2], shortcut="B"),
+    "cifar_vgg16_bn": lambda: VGG(VGG16_LAYOUT),
     "tiny": TinyNet,
 }
+IMAGENET_ARCHITECTURES = ("inception_v3", "resnet50", "efficientnet_lite0")
+ARCHITECTURES: dict[str, Callable[[], nn.Module]] = {
+    **CIFAR_ARCHITECTURES,
+    **{arch: (lambda a=arch: imagenet_architecture(a)) for arch in IMAGENET_ARCHITECTURES},
+}
+# Names of earlier versions, still accepted (model files made with them keep loading).
+DEPRECATED_NAMES = {"resnet20": "cifar_resnet20", "resnet18": "cifar_resnet18", "vgg16_bn": "cifar_vgg16_bn"}
 
 
-def _imagenet_architecture(arch: str) -> nn.Module:
-    from .imagenet import build_architecture  # imported late: overinterp.imagenet imports this module
-
-    return build_architecture(arch)
-
-
-# ImageNet networks (overinterp.imagenet), registered so that save_model/load_model handle them too.
-ARCHITECTURES.update({arch: (lambda a=arch: _imagenet_architecture(a))
-                      for arch in ("inception_v3", "resnet50", "efficientnet_lite0")})
+def canonical_arch(arch: str) -> str:
+    """``arch`` under its current name; an old name is accepted with a deprecation message."""
+    if arch in DEPRECATED_NAMES:
+        new = DEPRECATED_NAMES[arch]
+        log.warning("architecture name %r is deprecated: it means the CIFAR network %r (not torchvision's %s); "
+                    "write %r", arch, new, arch, new)
+        return new
+    return arch
 
 
 class InputDropout(nn.Module):
@@ -132,6 +161,7 @@ class InputDropout(nn.Module):
 
 
 def build_model(arch: str, input_dropout: float = 0.0, baseline: float = 0.0) -> nn.Module:
+    arch = canonical_arch(arch)
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHITECTURES)}")
     net = ARCHITECTURES[arch]()
@@ -163,7 +193,9 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def save_model(path, model: nn.Module, arch: str, **meta) -> None:
-    save_torch(path, {"arch": arch, "state_dict": model.state_dict(), "meta": meta})
+    """``meta`` should record the input convention (``normalize``: mean/std; ``resize``/``crop``) so that later
+    stages and audits need not be told again."""
+    save_torch(path, {"arch": canonical_arch(arch), "state_dict": model.state_dict(), "meta": meta})
 
 
 def save_ensemble(path, member_paths) -> None:

@@ -247,7 +247,8 @@ def run_train(args: argparse.Namespace) -> int:
     model, metrics = train_model(args.arch, train, recipe, args.seed, normalizer, device, args.checkpoint,
                                  keep, test, test_keep, args.positions_only)
     save_model(args.out, model, args.arch, seed=args.seed, input_dropout=recipe.input_dropout,
-               baseline=args.baseline, positions_only=args.positions_only, recipe=dataclasses.asdict(recipe),
+               baseline=args.baseline, normalize={"mean": normalizer.mean.flatten().tolist(),
+                                                  "std": normalizer.std.flatten().tolist()}, positions_only=args.positions_only, recipe=dataclasses.asdict(recipe),
                train_images=len(train), test_images=len(test))
     save_dataframe(args.metrics, metrics)
     if args.checkpoint:

@@ -30,6 +30,10 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+class CodeInFileError(DataError):
+    """A torch file that names Python callables: refused unread, since loading it could run code."""
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path beside ``path`` and move it over ``path`` only if the block succeeds.
@@ -89,7 +93,7 @@ def load_torch(path, map_location="cpu"):
         found = [line.strip() for line in str(err).splitlines() if "GLOBAL" in line]
         if not found:
             raise CorruptFileError(path, "not a readable torch file, truncated or garbage") from None
-        raise DataError(
+        raise CodeInFileError(
             f"{path} holds objects other than tensors and plain values ({found[0]}); it was refused unread "
             "because loading it could run code. Use only files this pipeline wrote (or a torch.save of a plain "
             "state dict); delete it and rerun the rule that makes it.") from None
