@@ -1,6 +1,7 @@
 # Overinterpretation in image classifiers (Carter et al., NeurIPS 2021), end to end.
 #   snakemake --cores N                              the paper's CIFAR-10 experiment (config/config.yaml)
 #   snakemake --cores N --configfile config/quick.yaml   every stage at reduced scale
+#   snakemake --cores N --configfile config/audit.yaml   audit a trained classifier (see README)
 from snakemake.utils import min_version
 
 min_version("9.0")
@@ -22,6 +23,7 @@ include: "workflow/rules/analysis.smk"
 include: "workflow/rules/humaneval.smk"
 include: "workflow/rules/figures.smk"
 include: "workflow/rules/mitigation.smk"
+include: "workflow/rules/audit.smk"
 
 
 # The ImageNet half, on the user's own copy (config/imagenet.yaml).

@@ -1,6 +1,6 @@
 """Speed of BackSelect and GradientBackSelect against the model's own throughput, in one run.
 
-    python benchmarks/sis_benchmark.py [--model resnet20|PATH.pt] [--images 4] [--image-size 16]
+    python benchmarks/sis_benchmark.py [--model cifar_resnet20|PATH.pt] [--images 4] [--image-size 16]
                                        [--gradient-images 64] [--device auto] [--bf16] [--data cifar10.npz]
 
 On the same model and images it prints:
@@ -129,7 +129,7 @@ def load_images(args, count: int) -> torch.Tensor:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="resnet20", help=f"architecture ({', '.join(ARCHITECTURES)}) or model file")
+    parser.add_argument("--model", default="cifar_resnet20", help=f"architecture ({', '.join(ARCHITECTURES)}) or model file")
     parser.add_argument("--images", type=int, default=4, help="images for exact BackSelect")
     parser.add_argument("--gradient-images", type=int, default=64, help="images for GradientBackSelect")
     parser.add_argument("--image-size", type=int, default=16, help="square crop side (CIFAR: 32)")

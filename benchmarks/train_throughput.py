@@ -1,6 +1,6 @@
 """Training throughput (images/s) of a CIFAR model with the project's training step, on every device here.
 
-    python benchmarks/train_throughput.py [--arch resnet20] [--batch-size 128] [--steps 30]
+    python benchmarks/train_throughput.py [--arch cifar_resnet20] [--batch-size 128] [--steps 30]
 
 Prints images/s for channels_last (what training uses) and for the default contiguous layout as the
 baseline measured in the same run, on the CPU and, when present, on CUDA (bf16 autocast).
@@ -49,7 +49,7 @@ def throughput(arch: str, device: torch.device, batch_size: int, steps: int, cha
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", default="resnet20")
+    parser.add_argument("--arch", default="cifar_resnet20")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=30)
     args = parser.parse_args()

@@ -382,3 +382,42 @@ def test_every_subcommand_is_mapped_to_the_module_that_defines_it():
             assert cli.COMMANDS.get(name) == module, name
     assert sorted(cli.build_parser()._subparsers._group_actions[0].choices) == sorted(cli.COMMANDS)
     assert cli._command_in(["--threads", "1", "audit", "--model", "x"]) == "audit"
+
+
+def test_the_workflow_runs_a_sharded_audit_that_equals_a_single_one(forms, tmp_path):
+    """config `audits` through Snakemake: two shard jobs and the audit job; the same numbers as one process."""
+    from conftest import REPO, job_counts, snakemake
+
+    settings = {"model": str(forms["dir"] / "tiny.pt"), "data": str(forms["data"]), "limit": 12, "tau": 0.5,
+                "taus": [0.3, 0.5], "dtype": "float64", "fractions": [0.05, 0.2]}
+    config = tmp_path / "audit.yaml"
+    config.write_text(json.dumps({"cifar10": {"enabled": False}, "audits": {"mine": {**settings, "shards": 2}}}))
+    run = snakemake(tmp_path, "--cores", "2", configfiles=(REPO / "config/config.yaml", config))
+    counts = job_counts(run.stdout + run.stderr)
+    assert counts["audit_orderings"] == 2 and counts["audit_report"] == 1
+    out = tmp_path / "results/audit/mine"
+    single = tmp_path / "single"
+    audit(forms, single, "--model", settings["model"], "--fractions", "0.05,0.2", limit=12)
+    a, b = BackSelectResult.load(out / "backselect.npz"), BackSelectResult.load(single / "backselect.npz")
+    np.testing.assert_array_equal(a.order, b.order)
+    assert json.loads((out / "summary.json").read_text())["accuracy"] == json.loads(
+        (single / "summary.json").read_text())["accuracy"]
+    pd.testing.assert_frame_equal(pd.read_csv(out / "subsets.csv"), pd.read_csv(single / "subsets.csv"))
+    for shard in ("0000", "0001"):
+        assert (tmp_path / f"logs/audit/sis/mine/{shard}.log").exists()
+        assert (tmp_path / f"results/benchmarks/audit/sis/mine/{shard}.tsv").exists()
+    # Nothing left to do; the report job's page is in the Snakemake report's audit category.
+    assert job_counts(snakemake(tmp_path, "-n", configfiles=(REPO / "config/config.yaml", config)).stdout) == {}
+
+
+def test_the_audit_configuration_chains_training_and_audit(tmp_path):
+    from conftest import REPO, job_counts, snakemake
+
+    dry = snakemake(tmp_path, "-n", configfiles=(REPO / "config/audit.yaml",))
+    counts = job_counts(dry.stdout)
+    assert counts["train"] == 1 and counts["audit_orderings"] == 8 and counts["audit_report"] == 1
+    assert "results/models/cifar_resnet20-s0/model.pt" in dry.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("audits:\n  x:\n    data: /data\n")
+    failed = snakemake(tmp_path, "-n", configfiles=(REPO / "config/audit.yaml", bad), check=False)
+    assert failed.returncode != 0 and "'model' is a required property" in failed.stdout + failed.stderr

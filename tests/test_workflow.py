@@ -37,7 +37,7 @@ def test_paper_configuration_builds_its_dag(tmp_path):
     assert counts["train"] == 9 + 3
     assert counts["ensemble"] == 3 + 1
     assert counts["evaluate"] == 9 + 3 + 4
-    for model in ("resnet20-s0", "resnet18-s1", "vgg16_bn-s2"):
+    for model in ("cifar_resnet20-s0", "cifar_resnet18-s1", "cifar_vgg16_bn-s2"):
         assert f"results/models/{model}/model.pt" in dry.stdout
 
 

@@ -36,7 +36,7 @@ from scipy import stats
 from .classifiers import OUTPUTS, Classifier, load_classifier, parse_normalize, probe_output
 from .datasets import Dataset, ImageSet, open_dataset
 from .sis import BackSelect, BackSelectResult, GradientBackSelect, keep_last, kept_count, sis_mask, sis_size
-from .sis_commands import run_shard
+from .sis_commands import merge_shards, run_shard
 from .subsets import random_keep
 from .utils import DataError, atomic_path, resolve_device, save_dataframe, save_json
 
@@ -175,8 +175,14 @@ def baseline_colour(dataset: Dataset, classifier: Classifier, images: ImageSet, 
 
 
 def run_audit(classifier: Classifier, dataset: Dataset, split: str, out_dir, settings: AuditSettings,
-              limit: int | None = None, device: str = "auto", normalize="unknown", mean_colour=None) -> Audit:
-    """Audit ``classifier`` on ``split`` of ``dataset``; writes everything under ``out_dir`` (see the module)."""
+              limit: int | None = None, device: str = "auto", normalize="unknown", mean_colour=None,
+              shard: tuple[int, int] | None = None, orderings: list | None = None) -> Audit | None:
+    """Audit ``classifier`` on ``split`` of ``dataset``; writes everything under ``out_dir`` (see the module).
+
+    For audits spread over several jobs (the workflow's audit rules): ``shard=(i, n)`` computes only the
+    orderings of the i-th of n parts of the images into the file ``out_dir`` and returns None;
+    ``orderings`` (the n shard files) then stand in for the orderings in the audit itself.
+    """
     started = time.monotonic()
     out_dir = Path(out_dir)
     device = resolve_device(device)
@@ -206,15 +212,22 @@ def run_audit(classifier: Classifier, dataset: Dataset, split: str, out_dir, set
         "images_sha1": _images_digest(images), "method": settings.method,
         "pixels_per_step": settings.pixels_per_step, "dtype": settings.dtype, "evaluator": "full-forward",
     }
-    result_path = out_dir / "backselect.npz"
-    result = _reuse(result_path, meta)
-    if result is None:
-        if settings.method == "exact":
-            engine = BackSelect(model, baseline=0.0, batch_size=settings.batch_size, dtype=dtype)
-        else:
-            engine = GradientBackSelect(model, settings.pixels_per_step, baseline=0.0,
-                                        batch_size=settings.batch_size, dtype=dtype)
-        result = run_shard(engine, x, np.arange(len(images)), result_path, meta, settings.checkpoint_seconds)
+    if shard is not None:
+        part, parts = shard
+        if not 0 <= part < parts:
+            raise DataError(f"shard {part} of {parts} does not exist: shards are numbered 0..{parts - 1}")
+        rows = np.array_split(np.arange(len(images)), parts)[part]
+        run_shard(_engine(model, settings, dtype), x[torch.from_numpy(rows)], rows, out_dir,
+                  {**meta, "shard": part, "shards": parts}, settings.checkpoint_seconds)
+        return None
+    if orderings:
+        result = _merged(orderings, meta)
+        result.save(out_dir / "backselect.npz")
+    else:
+        result = _reuse(out_dir / "backselect.npz", meta)
+        if result is None:
+            result = run_shard(_engine(model, settings, dtype), x, np.arange(len(images)), out_dir / "backselect.npz",
+                               meta, settings.checkpoint_seconds)
     sis_seconds = time.monotonic() - started
 
     labels = images.labels
@@ -249,6 +262,24 @@ def run_audit(classifier: Classifier, dataset: Dataset, split: str, out_dir, set
     audit = Audit(images, result, predictions, sis_summary, subsets, summary)
     write_outputs(audit, model, x, out_dir, settings, device, dtype)
     return audit
+
+
+def _engine(model, settings: AuditSettings, dtype) -> BackSelect | GradientBackSelect:
+    if settings.method == "exact":
+        return BackSelect(model, baseline=0.0, batch_size=settings.batch_size, dtype=dtype)
+    return GradientBackSelect(model, settings.pixels_per_step, baseline=0.0, batch_size=settings.batch_size,
+                              dtype=dtype)
+
+
+def _merged(paths, meta: dict) -> BackSelectResult:
+    """The orderings of all images from the shard files of this very audit, saved as ``backselect.npz``."""
+    result = merge_shards(paths)
+    differ = sorted(k for k in meta if k != "images_sha1" and result.meta.get(k) != meta[k])
+    if differ or not np.array_equal(result.index, np.arange(meta["images"])):
+        raise DataError(f"the shard files {paths[0]}, ... were made with another {', '.join(differ) or 'image set'} "
+                        "than this audit; delete them and rerun their jobs")
+    result.meta = meta
+    return result
 
 
 def _reuse(path: Path, meta: dict) -> BackSelectResult | None:
@@ -454,6 +485,11 @@ def add_commands(subparsers) -> None:
     p.add_argument("--workers", type=int, default=8, help="threads that decode images")
     p.add_argument("--checkpoint-seconds", type=float, default=30.0,
                    help="save finished orderings at most this often; a rerun after a kill resumes (default 30)")
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="compute only the orderings of part I of N (0-based) into the file --out (for a job of "
+                        "a sharded audit; see config/audit.yaml)")
+    p.add_argument("--orderings", nargs="+", default=None, metavar="SHARD",
+                   help="the shard files of this audit, instead of computing the orderings")
     p.add_argument("--out", required=True, help="output folder (report.html, CSV/JSON, backselect.npz)")
     p.set_defaults(handler=run_audit_command)
 
@@ -472,8 +508,17 @@ def run_audit_command(args: argparse.Namespace) -> int:
     settings = AuditSettings(tau=args.tau, taus=args.taus, fractions=args.fractions, method=args.method,
                              pixels_per_step=args.pixels_per_step, batch_size=args.batch_size, dtype=args.dtype,
                              random_seed=args.seed, checkpoint_seconds=args.checkpoint_seconds)
+    shard = None
+    if args.shard:
+        try:
+            shard = tuple(int(v) for v in args.shard.split("/"))
+            assert len(shard) == 2 and shard[1] > 0
+        except (ValueError, AssertionError):
+            raise DataError(f"--shard {args.shard!r}: write I/N, e.g. 0/4 for the first of four parts") from None
     audit = run_audit(classifier, dataset, args.split, args.out, settings, args.limit, args.device, args.normalize,
-                      args.mean_colour)
+                      args.mean_colour, shard, args.orderings)
+    if audit is None:
+        return 0
     s = audit.summary
     print(f"accuracy {100 * s['accuracy']:.1f}% on {s['images']} images; overinterpretation share "
           f"{100 * s['overinterpretation_share']:.1f}% (confidence >= {s['tau']:g} from <= 5% of the pixels); "

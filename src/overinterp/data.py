@@ -1,6 +1,7 @@
 """CIFAR-10: download with checksum, conversion to the pipeline's array file, loading and normalisation."""
 from __future__ import annotations
 
+import argparse
 import hashlib
 import pickle
 import tarfile
@@ -243,3 +244,18 @@ class Normalizer:
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
         """Back to [0, 1] RGB for display."""
         return (x * self.std.to(x.device) + self.mean.to(x.device)).clamp(0, 1)
+
+
+def model_inputs(normalizer: Normalizer, images: torch.Tensor, keep: torch.Tensor | None, positions_only: bool):
+    """The network's input: the normalised image, masked where ``keep`` is False, or the mask alone.
+
+    ``positions_only`` is the control that shows how much the *shape* of a pixel subset tells: the model
+    sees +1 where a pixel is kept and -1 elsewhere, no pixel values.
+    """
+    if positions_only:
+        return (keep.float() * 2 - 1).expand(-1, images.shape[1], -1, -1)
+    return normalizer(images, keep)
+
+
+def normalizer_from_args(args: argparse.Namespace) -> Normalizer:
+    return Normalizer(args.mean or CIFAR10_MEAN, args.std or CIFAR10_STD, args.baseline)

@@ -113,7 +113,7 @@ def add_commands(subparsers) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from .train import model_inputs, normalizer_from_args
+    from .data import model_inputs, normalizer_from_args
 
     device = resolve_device(args.device)
     split = load_split(args.data, args.split, args.size)

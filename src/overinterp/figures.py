@@ -608,7 +608,7 @@ def run_sis_examples(args) -> int:
     from .data import load_split
     from .evaluate import predict
     from .models import load_model
-    from .train import normalizer_from_args
+    from .data import normalizer_from_args
     from .utils import resolve_device
 
     result = BackSelectResult.load(args.sis)

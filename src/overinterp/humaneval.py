@@ -370,7 +370,7 @@ def parse_model_predictions(spec: str) -> tuple[str, str, str]:
     name, colon, condition = left.rpartition(":")
     if not sep or not colon or not name or not path or condition not in CONDITIONS:
         raise ValueError(f"--model-predictions {spec!r}: expected NAME:CONDITION=CSV with CONDITION one of "
-                         f"{', '.join(CONDITIONS)}, e.g. resnet20-s0:bs=results/eval/resnet20-s0/exact-bs-0.05.csv")
+                         f"{', '.join(CONDITIONS)}, e.g. cifar_resnet20-s0:bs=results/eval/cifar_resnet20-s0/exact-bs-0.05.csv")
     return name, condition, path
 
 

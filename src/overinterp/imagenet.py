@@ -25,12 +25,11 @@ from torch import nn
 from torchvision.transforms import RandomResizedCrop
 from tqdm import tqdm
 
-from .data import DataError, Normalizer
+from .data import DataError, Normalizer, model_inputs
 from .datasets import check_image, load_frame, wnids
 from .efficientnet_lite import IMAGENET_MEAN, IMAGENET_STD
 from .models import imagenet_architecture
 from .subsets import unpack_keep
-from .train import model_inputs
 from .utils import load_npz, load_torch, save_dataframe
 
 SPLITS = ("train", "val")

@@ -136,8 +136,8 @@ def canonical_arch(arch: str) -> str:
     """``arch`` under its current name; an old name is accepted with a deprecation message."""
     if arch in DEPRECATED_NAMES:
         new = DEPRECATED_NAMES[arch]
-        log.warning("architecture name %r is deprecated: it means the CIFAR network %r (not torchvision's %s); "
-                    "write %r", arch, new, arch, new)
+        log.warning("architecture name %r is deprecated: it means the CIFAR network %r (the prefix tells it "
+                    "from torchvision's ImageNet networks); write %r", arch, new, new)
         return new
     return arch
 

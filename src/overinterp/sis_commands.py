@@ -176,7 +176,7 @@ def add_commands(subparsers) -> None:
 def run_sis(args: argparse.Namespace) -> int:
     from .data import load_split, md5sum
     from .models import load_model
-    from .train import normalizer_from_args
+    from .data import normalizer_from_args
 
     if not 0 <= args.shard < args.shards:
         raise ValueError(f"--shard must lie in 0..{args.shards - 1}, not {args.shard}")
@@ -247,7 +247,7 @@ def kept_confidence(model, normalizer, images: torch.Tensor, keep: np.ndarray, t
 def run_agreement(args: argparse.Namespace) -> int:
     from .data import load_split
     from .models import load_model
-    from .train import normalizer_from_args
+    from .data import normalizer_from_args
 
     table, (exact, keep_e), (gradient, keep_g) = agreement(
         BackSelectResult.load(args.exact), BackSelectResult.load(args.gradient), args.fraction)

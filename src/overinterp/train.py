@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .data import Normalizer, Split, load_split
+from .data import Normalizer, Split, load_split, model_inputs, normalizer_from_args
 from .evaluate import predict
 from .models import build_model, save_model
 from .utils import load_torch, resolve_device, save_dataframe, save_torch
@@ -126,17 +126,6 @@ def augment(x: torch.Tensor, padding: int, flip: bool, fill: float, generator: t
     return x
 
 
-def model_inputs(normalizer: Normalizer, images: torch.Tensor, keep: torch.Tensor | None, positions_only: bool):
-    """The network's input: the normalised image, masked where ``keep`` is False, or the mask alone.
-
-    ``positions_only`` is the control that shows how much the *shape* of a pixel subset tells: the model
-    sees +1 where a pixel is kept and -1 elsewhere, no pixel values.
-    """
-    if positions_only:
-        return (keep.float() * 2 - 1).expand(-1, images.shape[1], -1, -1)
-    return normalizer(images, keep)
-
-
 def _fingerprint(arch, recipe, seed, n_train, masked, positions_only):
     return json.dumps([arch, dataclasses.asdict(recipe), seed, n_train, masked, positions_only], sort_keys=True)
 
@@ -224,12 +213,6 @@ def add_commands(subparsers) -> None:
     p.add_argument("--out", required=True, help="model file (.pt)")
     p.add_argument("--metrics", required=True, help="per-epoch metrics (.csv)")
     p.set_defaults(handler=run_train)
-
-
-def normalizer_from_args(args: argparse.Namespace) -> Normalizer:
-    from .data import CIFAR10_MEAN, CIFAR10_STD
-
-    return Normalizer(args.mean or CIFAR10_MEAN, args.std or CIFAR10_STD, args.baseline)
 
 
 def run_train(args: argparse.Namespace) -> int:

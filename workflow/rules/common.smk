@@ -6,6 +6,7 @@ import shlex
 from decimal import Decimal
 from pathlib import Path
 
+from snakemake.logging import logger
 from snakemake.utils import validate
 
 import yaml
@@ -105,6 +106,12 @@ shell.prefix(
     + "${{PYTHONPATH:+:$PYTHONPATH}}; "
 )
 ARCHITECTURES = config["models"]["architectures"]
+for _old in sorted(set(ARCHITECTURES) & {"resnet20", "resnet18", "vgg16_bn"}):
+    logger.warning(
+        f"models.architectures: {_old!r} is a deprecated name of the CIFAR network 'cifar_{_old}' "
+        "(the prefix tells it from torchvision's ImageNet networks); write "
+        f"'cifar_{_old}'"
+    )
 SEEDS = config["models"]["seeds"]
 # Models are named "<architecture>-s<seed>"; for the mitigation experiments also
 # "<architecture>-dropout-s<seed>" (trained with input dropout) and "ensemble-<architecture>" (its replicate
@@ -303,6 +310,7 @@ REPORT_CATEGORY = {
     "mitigation": "4. Mitigation",
     "humaneval": "5. Human evaluation",
     "imagenet": "6. ImageNet",
+    "audit": "7. Audits",
 }
 
 
@@ -323,7 +331,64 @@ def all_outputs():
         outputs = []
     if config["imagenet"]["enabled"]:
         outputs += imagenet_outputs()  # workflow/rules/imagenet.smk
+    outputs += [f"results/audit/{name}/report.html" for name in AUDITS]  # audit.smk
     return outputs
+
+
+# ------------------------------------------------------------------ audits (audit.smk)
+AUDITS = config["audits"]
+# The audit's command-line options, from its config entry (see the schema's `audits`).
+AUDIT_OPTIONS = {
+    "model": "--model",
+    "weights": "--weights",
+    "data": "--data",
+    "split": "--split",
+    "limit": "--limit",
+    "classes": "--classes",
+    "crop": "--crop",
+    "resize": "--resize",
+    "normalize": "--normalize",
+    "mean_colour": "--mean-colour",
+    "output": "--output",
+    "method": "--method",
+    "pixels_per_step": "--pixels-per-step",
+    "tau": "--tau",
+    "taus": "--taus",
+    "fractions": "--fractions",
+    "dtype": "--dtype",
+    "seed": "--seed",
+}
+
+
+def audit_args(name):
+    options = []
+    for key, flag in AUDIT_OPTIONS.items():
+        value = AUDITS[name].get(key)
+        if value is None:
+            continue
+        if isinstance(value, list):
+            value = ",".join(map(str, value))
+        options.append(f"{flag} {shlex.quote(str(value))}")
+    return " ".join(options)
+
+
+def audit_shards(name):
+    return [
+        f"results/audit/sis/{name}/{i:04d}.npz" for i in range(AUDITS[name]["shards"])
+    ]
+
+
+def audit_inputs(w):
+    """The files an audit reads, so that a model or dataset this workflow makes is made first."""
+    audit = AUDITS[w.audit]
+    files = [audit["model"], audit.get("weights") or ""]
+    kind, _, path = audit["data"].partition(":")
+    files.append(
+        path
+        if kind == "cifar10"
+        else audit["data"] if audit["data"].endswith(".npz") else ""
+    )
+    return [f for f in files if f.endswith((".pt", ".pth", ".ts", ".npz"))]
 
 
 # ------------------------------------------------------------------ backward selection (sis.smk)
