@@ -220,11 +220,13 @@ def run_audit(classifier: Classifier, dataset: Dataset, split: str, out_dir, set
         run_shard(_engine(model, settings, dtype), x[torch.from_numpy(rows)], rows, out_dir,
                   {**meta, "shard": part, "shards": parts}, settings.checkpoint_seconds)
         return None
+    reused = False
     if orderings:
         result = _merged(orderings, meta)
         result.save(out_dir / "backselect.npz")
     else:
         result = _reuse(out_dir / "backselect.npz", meta)
+        reused = result is not None
         if result is None:
             result = run_shard(_engine(model, settings, dtype), x, np.arange(len(images)), out_dir / "backselect.npz",
                                meta, settings.checkpoint_seconds)
@@ -254,6 +256,7 @@ def run_audit(classifier: Classifier, dataset: Dataset, split: str, out_dir, set
         "median_sis_percent": float(headline.median()) if headline.notna().any() else None,
         "overinterpretation_share": float((headline <= 100 * SMALL_SUBSET).mean()),
         "seconds": round(time.monotonic() - started, 1), "sis_seconds": round(sis_seconds, 1),
+        "orderings": "reused" if reused else "sharded" if orderings else "computed",
         "settings": asdict(settings),
     }
     if small is not None:
@@ -328,6 +331,10 @@ def _percent(value) -> str:
     return "–" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{100 * value:.1f}%"
 
 
+def _points(value) -> str:
+    return "–" if value is None or np.isnan(value) else f"{value:.1f}%"
+
+
 def _image(path: Path, alt: str) -> str:
     data = base64.b64encode(path.read_bytes()).decode()
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
@@ -341,6 +348,7 @@ body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; max
 .number b { display: block; font-size: 1.8em; }
 table { border-collapse: collapse; margin: 0.5em 0 1em; font-size: 0.9em; }
 th, td { padding: 3px 8px; text-align: right; border-bottom: 1px solid #ddd; }
+td { white-space: nowrap; }
 th { border-bottom: 2px solid #333; background: #f6f6f6; }
 td:first-child, th:first-child { text-align: left; }
 img { max-width: 100%; }
@@ -367,11 +375,18 @@ def report_html(audit: Audit, out_dir: Path) -> str:
                         "accuracy on its own backward-selection 5% vs random 5% of the pixels"))
     cards = "".join(f'<div class="number">{html.escape(title)}<b>{html.escape(value)}</b>{html.escape(note)}</div>'
                     for title, value, note in numbers)
-    sizes = audit.sis_summary.copy()
-    sizes.columns = ["τ", "images", "confidence ≥ τ", "correct", "misclassified", "median SIS % (correct)",
-                     "median SIS % (misclassified)", "difference (points)", "95% CI low", "95% CI high",
-                     "Mann-Whitney p", "rank-biserial r"]
-    sizes = sizes.map(lambda v: f"{v:.3g}" if isinstance(v, float) else v)
+    table = audit.sis_summary
+    sizes = pd.DataFrame({
+        "τ": table["tau"].map("{:g}".format), "confidence ≥ τ": table["confident"],
+        "correct": table["correct"], "misclassified": table["misclassified"],
+        "median SIS (correct)": table["median_sis_percent_correct"].map(_points),
+        "median SIS (misclassified)": table["median_sis_percent_misclassified"].map(_points),
+        "difference [95% CI]": [f"{_points(d)} [{_points(lo)}, {_points(hi)}]" if not np.isnan(d) else "–"
+                                for d, lo, hi in zip(table["median_difference"], table["difference_ci_low"],
+                                                     table["difference_ci_high"])],
+        "Mann-Whitney p": table["mann_whitney_p"].map(lambda v: "–" if np.isnan(v) else f"{v:.2g}"),
+        "rank-biserial r": table["rank_biserial"].map(lambda v: "–" if np.isnan(v) else f"{v:+.2f}"),
+    })
     sweep = audit.subsets.copy()
     sweep["kept"] = [f"{100 * f:g}% ({p} px)" for f, p in zip(sweep["fraction"], sweep["pixels"])]
     sweep = sweep[["kept", "subset", "accuracy", "agreement", "confidence", "share_above_tau"]]
@@ -380,15 +395,19 @@ def report_html(audit: Audit, out_dir: Path) -> str:
     for column in sweep.columns[2:]:
         sweep[column] = sweep[column].map(_percent)
     normalize = "raw [0, 1] RGB" if s["normalize"] is None else (
-        f"normalised with mean {', '.join(f'{v:.3f}' for v in s['normalize'][0])}, "
+        f"inputs normalised with mean {', '.join(f'{v:.3f}' for v in s['normalize'][0])}, "
         f"std {', '.join(f'{v:.3f}' for v in s['normalize'][1])}")
+    step = s["settings"]["pixels_per_step"]
     method = ("exact backward selection" if s["method"] == "exact" else
-              f"batched gradient backward selection ({s['settings']['pixels_per_step']} pixels per step)")
+              f"batched gradient backward selection ({step} pixels per step, so SIS sizes come in steps of "
+              f"{step} pixels, {100 * step / (s['image_size'][0] * s['image_size'][1]):.2g}% of the image)")
     settings = (f"{html.escape(s['model'])} on {s['images']} images of the {html.escape(s['split'])} split of "
                 f"{html.escape(s['dataset'])} ({s['image_size'][0]}×{s['image_size'][1]} pixels, {s['classes']} "
                 f"classes). The model takes {normalize} and returns {s['output']}. Masked pixels take the "
                 f"dataset-mean colour ({', '.join(f'{v:.3f}' for v in s['mean_colour'])}). Orderings by {method} "
-                f"towards the predicted class; {s['seconds']:.0f} s in all.")
+                f"towards the predicted class; {s['seconds']:.0f} s in all"
+                + {"reused": " (the orderings of an earlier run were reused).",
+                   "sharded": " (the orderings came from shard jobs)."}.get(s["orderings"], "."))
     files = ", ".join(f"<code>{name}</code>" for name in (
         "summary.json", "predictions.csv", "sis_sizes.csv", "subsets.csv", "backselect.npz"))
     return f"""<!DOCTYPE html>
@@ -407,7 +426,8 @@ gap at small fractions means a few specific pixels carry its decision.</p>
 {_table(sweep)}
 <h2>SIS sizes, correct against misclassified images</h2>
 <p>Per threshold τ: SIS sizes in percent of the pixels, for images whose full-image confidence reaches τ.
-The difference is misclassified minus correct (medians), with a bootstrap 95% interval.</p>
+The difference is misclassified minus correct (medians, percentage points), with a bootstrap 95% interval;
+the Mann-Whitney test is two-sided; r &gt; 0 means misclassified images tend to have larger SIS.</p>
 {_image(out_dir / 'sis-sizes.png', 'SIS size distributions')}
 {_table(sizes)}
 <h2>Examples</h2>
