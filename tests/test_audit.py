@@ -365,7 +365,9 @@ def test_the_readme_audit_example_names_options_that_exist():
     section = section[: section.index("\n## ", 4)]
     help_text = subprocess.run([sys.executable, "-m", "overinterp", "audit", "--help"], capture_output=True,
                                text=True).stdout
-    used = set(re.findall(r"(--[a-z][a-z-]+)", section))
+    audit_lines = [line for line in section.splitlines()
+                   if not line.startswith("snakemake") and "overinterp publish" not in line]
+    used = set(re.findall(r"(--[a-z][a-z-]+)", "\n".join(audit_lines)))
     assert used and all(option in help_text for option in used), used - set(help_text.split())
 
 

@@ -135,7 +135,7 @@ def test_index_validates_layout_and_names_unreadable_images(layout, assets, tmp_
     damaged = _copy(layout, tmp_path / "damaged")
     victim = sorted((damaged / "val").rglob("*.JPEG"))[3]
     victim.write_bytes(victim.read_bytes()[:2000])  # a truncated download
-    with pytest.raises(DataError, match=f"(?s)1 unreadable image.*{victim.name}"):
+    with pytest.raises(DataError, match=f"(?s)1 file\(s\) in .* are not readable images.*{victim.name}"):
         build_index(damaged, tmp_path / "x", num_classes=19)
     assert not (tmp_path / "x").exists()  # nothing written for an invalid copy
 

@@ -21,7 +21,7 @@ from overinterp.data import convert, load_split
 from overinterp.models import build_model, load_model, save_model
 from overinterp.sis import BackSelectResult
 from overinterp.subsets import load_keep_masks, random_keep, save_keep_masks
-from overinterp.utils import DataError
+from overinterp.utils import CorruptFileError, DataError, load_torch
 
 
 class Payload:
@@ -208,3 +208,16 @@ def test_keep_masks_of_other_images_are_refused(cifar_npz, tmp_path):
     save_keep_masks(tmp_path / "k.npz", 32, 32, test=(test.index[:10], random_keep(10, 1024, 52, 0)))
     with pytest.raises(ValueError, match="made for other images"):
         load_keep_masks(tmp_path / "k.npz", "test", test.index)
+
+
+def test_any_garbage_torch_file_is_a_corrupt_file_error(tmp_path):
+    """Random bytes break torch's weights-only unpickler in many ways (an empty stack, a bad opcode, a wrong
+    type); every one must be the same one-line error. Half the inputs start like a pickle, to get past the
+    first opcode."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / "garbage.pt"
+    for i in range(300):
+        data = rng.integers(0, 256, int(rng.integers(1, 400)), dtype=np.uint8).tobytes()
+        path.write_bytes((b"\x80\x02" if i % 2 else b"") + data)
+        with pytest.raises(CorruptFileError, match="not a readable torch file"):
+            load_torch(path)

@@ -75,6 +75,20 @@ def check_image(path: Path) -> str | None:
     return None
 
 
+def check_images(paths: list[Path], folder: Path, workers: int = 8, desc: str | None = None) -> None:
+    """Decode every file of ``paths``; a DataError lists the ones that are not readable images."""
+    from tqdm import tqdm
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        reasons = list(tqdm(pool.map(check_image, paths), total=len(paths), desc=desc, disable=desc is None))
+    bad = [(p, r) for p, r in zip(paths, reasons) if r is not None]
+    if bad:
+        listing = "\n".join(f"  {p}: {r}" for p, r in bad[:20])
+        more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
+        raise DataError(f"{len(bad)} file(s) in {folder} are not readable images; replace or remove them:\n"
+                        f"{listing}{more}")
+
+
 def load_frame(path: Path, frame: Frame | None) -> torch.Tensor:
     """uint8 (3, crop, crop): shorter side resized to ``resize``, centre crop ``crop`` (the image as it is
     when ``frame`` is None)."""
@@ -228,14 +242,7 @@ class ImageFolder(Dataset):
         files, labels = self.list_files(split)
         rows = class_balanced(labels, limit, len(self.classes))
         paths = [files[r] for r in rows]
-        with ThreadPoolExecutor(max(1, self.workers)) as pool:
-            reasons = list(pool.map(check_image, paths))
-        bad = [(p, r) for p, r in zip(paths, reasons) if r is not None]
-        if bad:
-            listing = "\n".join(f"  {p}: {r}" for p, r in bad[:20])
-            more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
-            raise DataError(f"{len(bad)} file(s) in {self.root / split} are not readable images; replace or "
-                            f"remove them:\n{listing}{more}")
+        check_images(paths, self.root / split, self.workers)
         with ThreadPoolExecutor(max(1, self.workers)) as pool:
             frames = list(pool.map(lambda p: load_frame(p, self.frame), paths))
         sizes = sorted({tuple(f.shape[1:]) for f in frames})

@@ -13,7 +13,6 @@ that frame; masked pixels take the baseline (0) after ImageNet normalisation, i.
 """
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,10 +22,9 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torch import nn
 from torchvision.transforms import RandomResizedCrop
-from tqdm import tqdm
 
 from .data import DataError, Normalizer, model_inputs
-from .datasets import check_image, load_frame, wnids
+from .datasets import check_images, load_frame, wnids
 from .efficientnet_lite import IMAGENET_MEAN, IMAGENET_STD
 from .models import imagenet_architecture
 from .subsets import unpack_keep
@@ -81,15 +79,7 @@ def build_index(root: str | Path, out_dir: str | Path, num_classes: int = 1000, 
         only = sorted(set(tables["train"]["wnid"]) ^ set(tables["val"]["wnid"]))
         raise DataError(f"{root}: train and val hold different classes ({only[:5]} in one only). {LAYOUT_HINT}")
     for split, table in tables.items():
-        paths = [root / p for p in table["path"]]
-        with ThreadPoolExecutor(max(1, workers)) as pool:
-            reasons = list(tqdm(pool.map(check_image, paths), total=len(paths), desc=f"check {split} images"))
-        bad = [(str(p), r) for p, r in zip(paths, reasons) if r is not None]
-        if bad:
-            listing = "\n".join(f"  {p}: {r}" for p, r in bad[:20])
-            more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
-            raise DataError(f"{len(bad)} unreadable image(s) in {root / split}; replace or remove them:\n"
-                            f"{listing}{more}")
+        check_images([root / p for p in table["path"]], root / split, workers, desc=f"check {split} images")
     for split, table in tables.items():
         save_dataframe(Path(out_dir) / f"{split}.csv", table)
     return {split: len(table) for split, table in tables.items()}

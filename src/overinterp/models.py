@@ -1,4 +1,5 @@
-"""CIFAR models (ResNet20, ResNet18, VGG16-BN and a tiny test net), ensembles and input dropout."""
+"""The project's networks (CIFAR ResNet20, ResNet18, VGG16-BN, a tiny test net, and the ImageNet architectures
+by name), ensembles, input dropout, and the model files of the pipeline."""
 from __future__ import annotations
 
 import logging

@@ -97,7 +97,9 @@ def load_torch(path, map_location="cpu"):
             f"{path} holds objects other than tensors and plain values ({found[0]}); it was refused unread "
             "because loading it could run code. Use only files this pipeline wrote (or a torch.save of a plain "
             "state dict); delete it and rerun the rule that makes it.") from None
-    except _UNREADABLE as err:
+    except MemoryError:
+        raise
+    except Exception as err:  # noqa: BLE001 - garbage breaks the unpickler in any way (IndexError, TypeError, ...)
         raise CorruptFileError(path, f"not a readable torch file, truncated or garbage ({type(err).__name__})") from None
 
 
