@@ -285,3 +285,198 @@ def test_iteration_does_not_leak_inference_mode():
     images = torch.randn(2, 3, 3, 3, dtype=torch.float64)
     for _ in engine.attribute_iter(images):
         assert not torch.is_inference_mode_enabled()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The incremental evaluator: the same orderings as full forwards, computing only the masked pixel's cone
+
+from overinterp import incremental  # noqa: E402
+from overinterp.models import build_model  # noqa: E402
+
+
+def random_batch_norm(model: nn.Module, seed: int) -> nn.Module:
+    """Eval statistics and affine parameters far from the identity, so that batch norm is really exercised."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.3)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g))
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.3)
+    return model.eval()
+
+
+def orderings(model, images, evaluator, dtype=torch.float64, **kwargs):
+    engine = BackSelect(model, dtype=dtype, progress=False, evaluator=evaluator, **kwargs)
+    return engine.attribute(images), engine
+
+
+def window_layers(forward: incremental.IncrementalForward) -> int:
+    """Convolutions the evaluator computes on windows (a test that had none would prove nothing)."""
+    return sum(forward.plans[n].state == "window" and forward.plans[n].op.kind == "conv" for n in forward.nodes)
+
+
+@pytest.mark.parametrize("arch, size, crop", [("cifar_resnet20", 32, 32), ("cifar_resnet18", 32, 16),
+                                              ("cifar_vgg16_bn", 32, 32)])
+def test_incremental_logits_equal_full_forwards(arch, size, crop):
+    """Option-A shortcuts (ResNet20), 1x1 projections (ResNet18), max pooling and a map shrinking to 1x1 (VGG):
+    in float64 every candidate's logits equal a full forward's to rounding."""
+    torch.manual_seed(0)
+    model = random_batch_norm(build_model(arch), 1).double()
+    forward = incremental.IncrementalForward(model, (3, crop, crop), 0.2, torch.float64, torch.device("cpu"))
+    assert window_layers(forward) >= 3, "the test would not exercise windows"
+    images = torch.randn(2, 3, crop, crop, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    images[1, :, :3] = 0.2  # masking these pixels changes nothing: they must all get the cached output exactly
+    forward.ensure_capacity(2)
+    forward.refresh(torch.arange(2), images)
+    pixels = torch.cat([torch.randperm(crop * crop, generator=torch.Generator().manual_seed(3))[:14],
+                        torch.tensor([0, crop - 1, crop * crop - 1, crop * 3 - 1, crop + 1])])  # corners and edges
+    slots = torch.arange(len(pixels)) % 2
+    got = forward.logits(slots, pixels)
+    candidates = images[slots].clone()
+    candidates.view(len(pixels), 3, -1)[torch.arange(len(pixels)), :, pixels] = 0.2
+    with torch.no_grad():
+        want = model(candidates)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-11)
+    unchanged = (slots == 1) & (pixels < 3 * crop)
+    assert unchanged.sum() >= 2
+    assert torch.equal(got[unchanged], forward.outputs[1].expand(int(unchanged.sum()), -1))  # exact ties
+
+
+@pytest.mark.parametrize("batch_size", [7, 1000])
+def test_incremental_backselect_equals_full_forwards_resnet20(batch_size):
+    model = random_batch_norm(build_model("cifar_resnet20"), 4).double()
+    images = torch.randn(2, 3, 8, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    got, engine = orderings(model, images, "incremental", batch_size=batch_size)
+    want, _ = orderings(model, images, "full", batch_size=batch_size)
+    assert window_layers(engine._plan((3, 8, 10))[0]) >= 2
+    np.testing.assert_array_equal(got.order, want.order)
+    np.testing.assert_allclose(got.values, want.values, rtol=0, atol=1e-12)
+    assert got.meta["evaluator"].startswith("incremental") and want.meta["evaluator"].startswith("full")
+
+
+@pytest.mark.parametrize("batch_size", [2, 13, 10_000])
+def test_incremental_backselect_matches_reference_with_exact_ties(batch_size):
+    """Ignored pixels tie exactly; the incremental evaluator must break the ties as the reference does."""
+    model = small_model(3, 6, 6, ignore_fraction=0.4)
+    images = torch.randn(3, 3, 6, 6, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    result, _ = orderings(model, images, "incremental", baseline=0.3, batch_size=batch_size)
+    ties = 0
+    for b in range(len(images)):
+        order, values, t, full, tied = reference_backselect(model, images[b], 0.3)
+        ties += tied
+        np.testing.assert_array_equal(result.order[b], order)
+        np.testing.assert_allclose(result.values[b], values, rtol=0, atol=1e-12)
+    assert ties > 0
+
+
+@pytest.fixture(scope="module")
+def trained_tiny(cifar_npz):
+    """A network trained on real CIFAR-10 images (a few epochs): sparse, structured activations."""
+    from overinterp.data import Normalizer, load_split
+    from overinterp.train import Recipe, train_model
+
+    train = load_split(cifar_npz, "train", 200)
+    recipe = Recipe(epochs=3, batch_size=50, milestones=[2])
+    model, _ = train_model("tiny", train, recipe, 0, Normalizer(), torch.device("cpu"), progress=False)
+    images = Normalizer()(load_split(cifar_npz, "test", 10).images[:3, :, 8:24, 8:24])
+    return model.eval(), images
+
+
+def test_incremental_backselect_on_a_trained_model(trained_tiny):
+    """float64: the same orderings as full forwards. float32: where an ordering differs at all, it is at a
+    near-tie (both pixels leave f within 1e-5), and the values agree to float32 rounding."""
+    model, images = trained_tiny
+    got, _ = orderings(model, images.double(), "incremental", batch_size=256)
+    want, _ = orderings(model, images.double(), "full", batch_size=256)
+    np.testing.assert_array_equal(got.order, want.order)
+    np.testing.assert_allclose(got.values, want.values, rtol=0, atol=1e-12)
+
+    got32, _ = orderings(model, images, "incremental", dtype=torch.float32, batch_size=256)
+    want32, _ = orderings(model, images, "full", dtype=torch.float32, batch_size=256)
+    for b in range(len(images)):
+        differ = np.flatnonzero(got32.order[b] != want32.order[b])
+        if len(differ):
+            step = differ[0]
+            current = images[b].double().clone().view(3, -1)
+            current[:, want32.order[b, :step]] = 0.0
+            pair = current.repeat(2, 1, 1)
+            pair[0, :, got32.order[b, step]] = pair[1, :, want32.order[b, step]] = 0.0
+            with torch.no_grad():
+                f = model.double()(pair.view(2, *images.shape[1:])).softmax(1)[:, want32.target[b]]
+            model.float()
+            assert abs(float(f[0] - f[1])) < 1e-5, f"ordering {b} differs at step {step}, not a near-tie: {f}"
+        else:
+            np.testing.assert_allclose(got32.values[b], want32.values[b], rtol=0, atol=1e-5)
+
+
+class SqueezeExcite(nn.Module):
+    """A global op inside the network: every position after it depends on every pixel."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.fc = nn.Linear(channels, channels)
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.fc(x.mean((2, 3)))).unsqueeze(-1).unsqueeze(-1)
+
+
+def test_models_with_global_ops_mix_windows_and_full_layers():
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 6, 3, padding=1), SqueezeExcite(6),
+                          nn.ReLU(), nn.Conv2d(6, 6, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(6, 4)).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    images = torch.randn(2, 3, 7, 9, dtype=torch.float64, generator=g)
+    got, engine = orderings(model, images, "incremental", batch_size=17)
+    want, _ = orderings(model, images, "full", batch_size=17)
+    np.testing.assert_array_equal(got.order, want.order)
+    np.testing.assert_allclose(got.values, want.values, rtol=0, atol=1e-12)
+    forward = engine._plan((3, 7, 9))[0]
+    states = [forward.plans[n].state for n in forward.nodes]
+    assert "window" in states and states[-3:] == ["full"] * 3
+
+
+class InputNorm(nn.Module):
+    def forward(self, x):
+        return (x - x.mean((2, 3), keepdim=True)) / x.std((2, 3), keepdim=True)
+
+
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = small_model(0, 5, 5)
+
+    def forward(self, x):
+        return self.net(x) if x.sum() > 0 else -self.net(x)  # data-dependent: fx cannot trace it
+
+
+def test_unsupported_models_fall_back_to_full_forwards():
+    images = torch.randn(1, 3, 5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    global_first = nn.Sequential(InputNorm(), small_model(0, 5, 5)).double()
+    for model, reason in ((global_first, "no layer of it is local"), (Branchy().double(), "cannot be traced")):
+        result, engine = orderings(model, images, "auto", batch_size=8)
+        assert engine.evaluator_for((3, 5, 5)).startswith("full forwards") and reason in result.meta["evaluator"]
+        np.testing.assert_array_equal(result.order, orderings(model, images, "full", batch_size=8)[0].order)
+    with pytest.raises(ValueError, match="cannot be traced"):
+        orderings(Branchy().double(), images, "incremental", batch_size=8)
+    with pytest.raises(ValueError, match="bf16"):
+        BackSelect(small_model(0, 5, 5), bf16=True, evaluator="incremental")
+    with pytest.raises(ValueError, match="evaluator must be one of"):
+        BackSelect(small_model(0, 5, 5), evaluator="fast")
+
+
+def test_default_batch_size_and_evaluator_are_measured():
+    model = small_model(1, 6, 6)
+    engine = BackSelect(model, dtype=torch.float64, progress=False)
+    chosen = engine.batch_size_for((3, 6, 6))
+    from overinterp.sis import CANDIDATE_BATCH_SIZES
+
+    assert chosen in CANDIDATE_BATCH_SIZES["cpu"]
+    assert "measured" in engine.evaluator_for((3, 6, 6))
+    images = torch.randn(2, 3, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    np.testing.assert_array_equal(engine.attribute(images).order,
+                                  BackSelect(model, dtype=torch.float64, progress=False, batch_size=7).attribute(images).order)

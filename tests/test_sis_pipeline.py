@@ -145,6 +145,7 @@ def test_agreement_commands(cifar_npz, tiny_model, tmp_path):
     # f on the exact method's kept 52 pixels is BackSelect's own value after the first 972 removals.
     exact_result = BackSelectResult.load(exact)
     assert exact_result.meta["method"] == "exact"
+    assert exact_result.meta["evaluator"].startswith("incremental"), exact_result.meta  # tiny: all local
     assert a["exact_kept_confidence"].iloc[0] == pytest.approx(exact_result.values[0, 1024 - 52 - 1], abs=1e-5)
     assert same["overlap"].eq(1).all() and np.allclose(same["spearman"], 1)
     assert np.allclose(same["exact_kept_confidence"], same["gradient_kept_confidence"])

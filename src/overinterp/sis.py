@@ -24,6 +24,7 @@ import copy
 import json
 import math
 import sys
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -32,10 +33,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from . import incremental
 from .utils import load_npz, save_npz
 
-# Candidate batch sizes that keep each device busy (exact) and images per forward+backward (gradient).
-DEFAULT_BATCH_SIZE = {"cpu": 256, "cuda": 8192}
+# Exact: the candidate batch sizes tried when none is given (the fastest one, measured, is used: it depends on
+# the model, the image size, the evaluator and the machine). Gradient: images per forward+backward.
+CANDIDATE_BATCH_SIZES = {"cpu": (32, 64, 128, 256, 512), "cuda": (2048, 4096, 8192, 16384)}
 DEFAULT_GRADIENT_BATCH_SIZE = {"cpu": 64, "cuda": 256}
 
 
@@ -238,9 +241,12 @@ class _Engine:
         self.device = _model_device(self.model)
         self.dtype = dtype
         self.baseline = float(baseline)
-        self.batch_size = int(batch_size or defaults.get(self.device.type, defaults["cpu"]))
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be positive, not {batch_size}")
+        if batch_size is None and defaults is None:
+            self.batch_size = None  # measured at first use
+        else:
+            self.batch_size = int(batch_size or defaults.get(self.device.type, defaults["cpu"]))
+            if self.batch_size < 1:
+                raise ValueError(f"batch_size must be positive, not {batch_size}")
         if bf16 and self.device.type != "cuda":
             raise ValueError("bf16 mode needs the model on a CUDA device; drop bf16 on the CPU")
         self.bf16 = bool(bf16)
@@ -286,19 +292,102 @@ class _Engine:
 class BackSelect(_Engine):
     """Exact backward selection.
 
-    ``batch_size`` is the number of masked candidates per forward (default: 256 on a CPU, 8192 on CUDA).
+    ``batch_size`` is the number of masked candidates per forward (default: the fastest of
+    ``CANDIDATE_BATCH_SIZES`` for the device, measured once per image size in a few seconds).
     ``dtype`` is the compute dtype (use torch.float64 for exact comparisons; a converted copy of the model
     is used if its parameters differ). ``bf16=True`` runs the model under bfloat16 autocast on CUDA: much
     faster, but approximate (near-ties may resolve differently from float32). Note that PyTorch's default
     TF32 convolutions on CUDA are approximate too; ``overinterp sis`` turns them off unless asked.
     ``memory_format`` is the layout of the model and of the candidate batches (channels_last is usually
     fastest; some CPU set-ups run small nets faster contiguous). The model is put in eval mode.
+
+    ``evaluator`` chooses how candidates are computed: "incremental" recomputes only the receptive-field
+    cone of the masked pixel in each layer (see :mod:`overinterp.incremental`; the same function, faster),
+    "full" runs plain forwards, "auto" (default) measures both (with the batch sizes) and takes the faster.
+    ``evaluator_for(image_shape)`` says which one runs and why; results record it in ``meta``.
     """
 
     def __init__(self, model: torch.nn.Module, baseline: float = 0.0, batch_size: int | None = None,
                  dtype: torch.dtype = torch.float32, bf16: bool = False, progress: bool = True,
-                 memory_format=torch.channels_last):
-        super().__init__(model, baseline, batch_size, dtype, bf16, progress, DEFAULT_BATCH_SIZE, memory_format)
+                 memory_format=torch.channels_last, evaluator: str = "auto"):
+        super().__init__(model, baseline, batch_size, dtype, bf16, progress, None, memory_format)
+        if evaluator not in incremental.EVALUATORS:
+            raise ValueError(f"evaluator must be one of {', '.join(incremental.EVALUATORS)}, not {evaluator!r}")
+        if bf16 and evaluator == "incremental":
+            raise ValueError("the incremental evaluator computes in the engine's dtype; it does not run under bf16")
+        self.evaluator = "full" if bf16 else evaluator
+        self._plans: dict[tuple[int, int, int], tuple[incremental.IncrementalForward | None, int, str]] = {}
+
+    def _plan(self, image_shape: tuple[int, int, int]) -> tuple[incremental.IncrementalForward | None, int, str]:
+        """(incremental evaluator or None, candidate batch size, description) for images of ``image_shape``: the
+        ones asked for, else the fastest combination, measured here in a few seconds."""
+        image_shape = tuple(image_shape)
+        if image_shape not in self._plans:
+            forward, description = incremental.build(self.model, image_shape, self.baseline, self.dtype,
+                                                     self.device, self.evaluator)
+            choices = [forward] + ([None] if forward is not None and self.evaluator == "auto" else [])
+            sizes = [self.batch_size] if self.batch_size else \
+                CANDIDATE_BATCH_SIZES.get(self.device.type, CANDIDATE_BATCH_SIZES["cpu"])
+            if len(choices) * len(sizes) == 1:
+                self._plans[image_shape] = (forward, sizes[0], description)
+            else:
+                fastest = [self._fastest(choice, image_shape, sizes) for choice in choices]  # (rate, size)
+                best = max(range(len(choices)), key=lambda i: fastest[i][0])
+                if len(choices) > 1:
+                    ratio = fastest[0][0] / fastest[1][0]
+                    description = (f"{description}; measured {ratio:.2f}x the full-forward rate" if best == 0 else
+                                   f"full forwards (measured faster than incremental here, x{1 / ratio:.2f})")
+                self._plans[image_shape] = (choices[best], fastest[best][1], description)
+        return self._plans[image_shape]
+
+    def evaluator_for(self, image_shape: tuple[int, int, int]) -> str:
+        """Which evaluator runs for images of ``image_shape`` (C, H, W), and why (results record it in ``meta``)."""
+        return self._plan(image_shape)[2]
+
+    def batch_size_for(self, image_shape: tuple[int, int, int]) -> int:
+        """The candidate batch size for images of ``image_shape``: the one given, else the fastest, measured."""
+        return self._plan(image_shape)[1]
+
+    def _fastest(self, forward, image_shape: tuple[int, int, int], sizes) -> tuple[float, int]:
+        """(rate, batch size) of the fastest of ``sizes`` for ``forward``, tried in ascending order up to where
+        the rate falls past its peak or one timing takes over 2 s (large models)."""
+        best = (0.0, sizes[0])
+        for size in sizes:
+            rate, seconds = self._rate(forward, image_shape, size)
+            best = max(best, (rate, size))
+            if seconds > 2.0 or rate < 0.9 * best[0]:
+                break
+        return best
+
+    @torch.inference_mode()
+    def _rate(self, forward, image_shape: tuple[int, int, int], size: int) -> tuple[float, float]:
+        """Candidate evaluations/s of ``forward`` (None: full forwards) at ``size`` (the best of two timings),
+        and the seconds of that timing."""
+        channels, height, width = image_shape
+        image = torch.randn(1, *image_shape, generator=torch.Generator().manual_seed(0)).to(self.device, self.dtype)
+        pixels = torch.arange(size, device=self.device) % (height * width)
+        slots = torch.zeros(size, dtype=torch.long, device=self.device)
+        if forward is not None:
+            forward.ensure_capacity(1)
+            forward.refresh(slots[:1], image)
+
+        def run():
+            if forward is None:
+                batch = image.repeat(size, 1, 1, 1)
+                batch.view(size, channels, -1)[torch.arange(size, device=self.device), :, pixels] = self.baseline
+                self.probabilities(batch)
+            else:
+                forward.logits(slots, pixels)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+
+        run()
+        seconds = []
+        for _ in range(2):
+            start = time.perf_counter()
+            run()
+            seconds.append(time.perf_counter() - start)
+        return size / min(seconds), min(seconds)
 
     def attribute_iter(self, images, target=None) -> Iterator[tuple[int, BackSelectResult]]:
         """Yield ``(i, result of image i)`` as images finish (roughly in input order)."""
@@ -314,6 +403,7 @@ class BackSelect(_Engine):
         queue: deque[int] = deque()
         next_image = 0
         bar = self.progress_bar(num_images * pixels * (pixels + 1) // 2, "eval", "BackSelect")
+        forward, batch_size, evaluator = self._plan((channels, height, width))
         state = None
         while True:
             finished = []
@@ -321,12 +411,12 @@ class BackSelect(_Engine):
             with torch.inference_mode():
                 if state is None:
                     state = _SlotState(self.device, self.dtype, pixels, channels,
-                                       capacity=max(2, 2 * self.batch_size // pixels + 2),
-                                       pixel_major=self.memory_format == torch.channels_last)
+                                       capacity=max(2, 2 * batch_size // pixels + 2),
+                                       pixel_major=self.memory_format == torch.channels_last, forward=forward)
                 # Fill one batch from the front of the queue; admit new images only once every active
                 # image's current step fits, so batches stay full until the last images finish.
                 parts, completed = [], []  # parts: (slot, first candidate rank, count)
-                room = self.batch_size
+                room = batch_size
                 while room:
                     if not queue:
                         if next_image == num_images:
@@ -354,8 +444,8 @@ class BackSelect(_Engine):
                     if step[slot] < pixels:
                         queue.append(slot)
                     else:
-                        finished.append((image_of.pop(slot), state.release(slot, height, width)))
-            bar.update(self.batch_size - room)
+                        finished.append((image_of.pop(slot), state.release(slot, height, width, evaluator)))
+            bar.update(batch_size - room)
             yield from finished
         bar.close()
 
@@ -367,11 +457,15 @@ class _SlotState:
     batch of them is channels_last), else (channels, pixels) (contiguous NCHW);
     ``remaining``: its still-present pixels in ascending order, padded with ``pixels``;
     ``scores``: f of every candidate of the current step by pixel, -inf elsewhere (argmax -> lowest index).
+    With an incremental evaluator (``forward``), the slots whose current image changed since its caches were
+    filled are ``stale``; they are refreshed when a batch next holds their candidates.
     """
 
-    def __init__(self, device, dtype, pixels, channels, capacity, pixel_major):
+    def __init__(self, device, dtype, pixels, channels, capacity, pixel_major, forward=None):
         self.device, self.dtype, self.pixels, self.channels = device, dtype, pixels, channels
         self.pixel_major = pixel_major
+        self.forward = forward
+        self.stale: set[int] = set()
         self.capacity = 0
         self.free: list[int] = []
         self.tensors: dict[str, torch.Tensor] = {}
@@ -394,6 +488,8 @@ class _SlotState:
             self.tensors[name] = tensor if old is None else torch.cat([old, tensor])
         self.free.extend(range(capacity - 1, self.capacity - 1, -1))
         self.capacity = capacity
+        if self.forward is not None:
+            self.forward.ensure_capacity(capacity)
 
     def indices(self, values) -> torch.Tensor:
         # Pageable host memory is staged by the copy call itself, so non_blocking needs no host sync.
@@ -412,6 +508,7 @@ class _SlotState:
         cls = (probs.argmax() if target is None else target.to(self.device)).view(1)
         t["target"][slot] = cls[0]
         t["full"][slot] = probs.gather(0, cls)[0]  # gather, not probs[cls], which would read cls on the host
+        self.stale.add(slot)
         return slot
 
     def mask_pixels(self, images: torch.Tensor, rows: torch.Tensor, pixel: torch.Tensor, baseline: float) -> None:
@@ -426,14 +523,24 @@ class _SlotState:
         rows = self.indices(np.concatenate([np.full(n, slot) for slot, _, n in parts]))
         ranks = self.indices(np.concatenate([np.arange(start, start + n) for _, start, n in parts]))
         pixel = t["remaining"][rows, ranks]
-        x = t["current"][rows]
-        self.mask_pixels(x, torch.arange(len(rows), device=self.device), pixel, engine.baseline)
-        if self.pixel_major:
-            x = x.view(len(rows), height, width, self.channels).permute(0, 3, 1, 2)
+        if self.forward is None:
+            x = t["current"][rows]
+            self.mask_pixels(x, torch.arange(len(rows), device=self.device), pixel, engine.baseline)
+            probs = engine.probabilities(self.images(x, height, width))
         else:
-            x = x.view(len(rows), self.channels, height, width)
-        f = engine.probabilities(x).gather(1, t["target"][rows].unsqueeze(1)).squeeze(1)
-        t["scores"][rows, pixel] = f
+            stale = sorted(self.stale.intersection(slot for slot, _, _ in parts))
+            if stale:
+                refresh = self.indices(stale)
+                self.forward.refresh(refresh, self.images(t["current"][refresh], height, width))
+                self.stale.difference_update(stale)
+            probs = self.forward.logits(rows, pixel).to(self.dtype).softmax(1)
+        t["scores"][rows, pixel] = probs.gather(1, t["target"][rows].unsqueeze(1)).squeeze(1)
+
+    def images(self, flat: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """(N, C, H, W) views of rows of ``current``."""
+        if self.pixel_major:
+            return flat.view(len(flat), height, width, self.channels).permute(0, 3, 1, 2)
+        return flat.view(len(flat), self.channels, height, width)
 
     def complete(self, engine: BackSelect, slots, steps) -> None:
         """Finish the current step of ``slots``: remove each one's best candidate and record it."""
@@ -446,17 +553,19 @@ class _SlotState:
         t["order"][rows, steps] = best
         t["values"][rows, steps] = scores.gather(1, best.unsqueeze(1)).squeeze(1)
         self.mask_pixels(t["current"], rows, best, engine.baseline)
+        self.stale.update(slots)
         remaining = t["remaining"][rows]
         shifted = torch.cat([remaining[:, 1:], torch.full_like(remaining[:, :1], self.pixels)], 1)
         t["remaining"][rows] = torch.where(remaining >= best.unsqueeze(1), shifted, remaining)
         t["scores"][rows] = -torch.inf
 
-    def release(self, slot: int, height: int, width: int) -> BackSelectResult:
+    def release(self, slot: int, height: int, width: int, evaluator: str) -> BackSelectResult:
         self.free.append(slot)
         # Copies: on the CPU, .cpu() would return views of storage the next image reuses.
         row = {name: self.tensors[name][slot : slot + 1].to("cpu", copy=True).numpy()
                for name in ("order", "values", "target", "full")}
-        return BackSelectResult(row["order"], row["values"], row["target"], row["full"], height, width)
+        return BackSelectResult(row["order"], row["values"], row["target"], row["full"], height, width,
+                                meta={"evaluator": evaluator})
 
 
 class GradientBackSelect(_Engine):

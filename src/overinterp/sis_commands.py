@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .incremental import EVALUATORS
 from .sis import BackSelect, BackSelectResult, GradientBackSelect, keep_last, kept_count
 from .utils import DataError, resolve_device, save_dataframe
 
@@ -26,8 +27,10 @@ log = logging.getLogger(__name__)
 METHODS = ("exact", "gradient")
 # float64/float32: exact arithmetic of that type; tf32 and bf16 are faster CUDA modes, approximate.
 PRECISIONS = ("float32", "float64", "tf32", "bf16")
+# How a shard was computed, not what: measured per run, and the results are the same function either way.
+RUN_KEYS = ("evaluator",)
 # Shards of one split must agree on everything in their metadata except these.
-PER_SHARD_KEYS = ("shard", "images_sha1")
+PER_SHARD_KEYS = ("shard", "images_sha1", *RUN_KEYS)
 
 
 def partial_path(out) -> Path:
@@ -52,7 +55,8 @@ def run_shard(engine, images: torch.Tensor, index: np.ndarray, out, meta: dict,
             log.warning("discarding the unreadable checkpoint %s and recomputing its images: %s", partial, err)
             partial.unlink()
     if previous is not None:
-        if previous.meta == meta:
+        if {k: v for k, v in previous.meta.items() if k not in RUN_KEYS} == \
+                {k: v for k, v in meta.items() if k not in RUN_KEYS}:
             position = {int(row): i for i, row in enumerate(index)}
             done = {position[int(row)]: previous.select(slice(i, i + 1)) for i, row in enumerate(previous.index)}
             log.info("resuming %s: %d of %d images already done", out, len(done), len(index))
@@ -101,6 +105,9 @@ def merge_shards(paths) -> BackSelectResult:
     if len(np.unique(merged.index)) != len(merged):
         raise ValueError("the shards overlap: some dataset rows appear in more than one shard")
     merged.meta = common[0]
+    for key in RUN_KEYS:
+        if any(key in s.meta for s in shards):
+            merged.meta[key] = "; ".join(sorted({str(s.meta.get(key)) for s in shards}))
     return merged
 
 
@@ -118,7 +125,7 @@ def build_engine(method: str, model, args) -> BackSelect | GradientBackSelect:
     common = dict(baseline=args.baseline, batch_size=args.batch_size,
                   **set_precision(args.precision, next(model.parameters()).device))
     if method == "exact":
-        return BackSelect(model, **common)
+        return BackSelect(model, evaluator=args.evaluator, **common)
     return GradientBackSelect(model, pixels_per_step=args.pixels_per_step, **common)
 
 
@@ -138,9 +145,13 @@ def add_commands(subparsers) -> None:
     p.add_argument("--method", required=True, choices=METHODS)
     p.add_argument("--pixels-per-step", type=int, default=10, help="gradient method: pixels masked per step")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="candidates per forward (exact) or images per step (gradient); default per device")
+                   help="candidates per forward (exact; default: the fastest, measured at the start) or images per "
+                        "step (gradient; default per device)")
     p.add_argument("--precision", default="float32", choices=PRECISIONS,
                    help="float32 (default) or float64: exact; tf32, bf16: faster on CUDA, approximate")
+    p.add_argument("--evaluator", default="auto", choices=EVALUATORS,
+                   help="exact method: incremental (recompute only what the masked pixel changes; the same function), "
+                        "full (plain forwards) or auto (default: incremental where supported and faster)")
     p.add_argument("--shard", type=int, default=0)
     p.add_argument("--shards", type=int, default=1)
     p.add_argument("--checkpoint-seconds", type=float, default=30.0, help="save finished images this often")
@@ -195,8 +206,10 @@ def run_sis(args: argparse.Namespace) -> int:
     }
     model = load_model(args.model, resolve_device(args.device))
     engine = build_engine(args.method, model, args)
-    log.info("%s BackSelect of %d %s images (shard %d of %d) on %s", args.method, len(rows), args.split,
-             args.shard, args.shards, engine.device)
+    if args.method == "exact":
+        meta["evaluator"] = engine.evaluator_for(tuple(images.shape[1:]))
+    log.info("%s BackSelect of %d %s images (shard %d of %d) on %s%s", args.method, len(rows), args.split,
+             args.shard, args.shards, engine.device, f", {meta['evaluator']}" if "evaluator" in meta else "")
     run_shard(engine, normalizer(images), split.index[rows], args.out, meta, args.checkpoint_seconds)
     return 0
 

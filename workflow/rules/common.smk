@@ -401,7 +401,7 @@ def sis_args():
     batch = "" if sis["batch_size"] is None else f"--batch-size {sis['batch_size']}"
     return (
         f"--pixels-per-step {sis['pixels_per_step']} --precision {sis['precision']} {batch} "
-        f"{normalization_args()}"
+        f"--evaluator {sis['evaluator']} {normalization_args()}"
     )
 
 
