@@ -160,17 +160,19 @@ def candidate_runs(model, image, device) -> dict:
     return runs
 
 
-def whole_images(model, images, device) -> None:
-    """Whole BackSelect runs with both evaluators (float32): speed and where the orderings first differ."""
+def whole_images(model, images, device, evaluators) -> None:
+    """Whole BackSelect runs (float32): speed and, with both evaluators, where the orderings first differ."""
     pixels = images.shape[2] * images.shape[3]
     results = {}
-    for evaluator in ("full", "incremental"):
+    for evaluator in evaluators:
         engine = BackSelect(model, progress=False, evaluator=evaluator)
         start = clock()
         results[evaluator] = engine.attribute(images.to(device))
         seconds = clock() - start
         print(f"  whole images, {evaluator:11s}: {len(images) * pixels * (pixels + 1) / 2 / seconds:8.0f} evaluations/s, "
               f"{seconds / len(images):7.1f} s per image ({results[evaluator].meta['evaluator']})")
+    if len(results) < 2:
+        return
     full, fast = results["full"], results["incremental"]
     for b in range(len(images)):
         differ = np.flatnonzero(full.order[b] != fast.order[b])
@@ -198,6 +200,8 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=32, help="square crop side (CIFAR: 32)")
     parser.add_argument("--whole-image", type=int, default=0, metavar="N",
                         help="also run N whole BackSelects per evaluator (minutes per 32x32 image on a CPU)")
+    parser.add_argument("--evaluators", nargs="+", default=["full", "incremental"], choices=["full", "incremental"],
+                        help="evaluators of the whole-image runs (both: their float32 orderings are compared)")
     parser.add_argument("--gradient", action="store_true", help="also measure GradientBackSelect")
     parser.add_argument("--gradient-images", type=int, default=64)
     parser.add_argument("--pixels-per-step", type=int, default=10)
@@ -251,7 +255,7 @@ def main() -> None:
                 line += f"  ({pixels * (pixels + 1) / 2 / rate:6.0f} s per image)"
             print(line + ("  (best plain forward)" if label == best else ""))
         if args.whole_image:
-            whole_images(model, load_images(args, args.whole_image), device)
+            whole_images(model, load_images(args, args.whole_image), device, args.evaluators)
         if args.naive:
             naive = naive_rate(model, image.float().cpu().numpy(), device, args.naive_batch_size, args.naive_seconds)
             print(f"  naive paper-style BackSelect (batch {args.naive_batch_size}): {naive:8.0f} evaluations/s")

@@ -480,3 +480,17 @@ def test_default_batch_size_and_evaluator_are_measured():
     images = torch.randn(2, 3, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     np.testing.assert_array_equal(engine.attribute(images).order,
                                   BackSelect(model, dtype=torch.float64, progress=False, batch_size=7).attribute(images).order)
+
+
+@pytest.mark.parametrize("engine", [lambda m: BackSelect(m, progress=False, batch_size=9),
+                                    lambda m: GradientBackSelect(m, pixels_per_step=4, progress=False)])
+def test_the_callers_model_is_left_as_it_was(engine):
+    """Mode, dtype, memory layout and weights: the engines work on a copy."""
+    model = small_model(2, 6, 6).float().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    strides = {k: v.stride() for k, v in model.state_dict().items()}
+    engine(model).attribute(torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(0)))
+    assert model.training and all(m.training for m in model.modules())
+    for key, value in model.state_dict().items():
+        assert value.dtype == before[key].dtype and value.stride() == strides[key]
+        assert torch.equal(value, before[key])

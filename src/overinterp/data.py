@@ -257,5 +257,15 @@ def model_inputs(normalizer: Normalizer, images: torch.Tensor, keep: torch.Tenso
     return normalizer(images, keep)
 
 
+def add_normalization_arguments(p) -> None:
+    """--mean/--std/--baseline: the input convention of the pipeline's models (``normalizer_from_args``)."""
+    p.add_argument("--mean", type=float, nargs=3, default=None, metavar=("R", "G", "B"),
+                   help="per-channel mean, fractions of 255 (default: CIFAR-10's, 125.3/255 123.0/255 113.9/255)")
+    p.add_argument("--std", type=float, nargs=3, default=None, metavar=("R", "G", "B"),
+                   help="per-channel std, fractions of 255 (default: CIFAR-10's, 63.0/255 62.1/255 66.7/255)")
+    p.add_argument("--baseline", type=float, default=0.0,
+                   help="value of masked pixels after normalisation; 0 = the mean colour (default: 0.0)")
+
+
 def normalizer_from_args(args: argparse.Namespace) -> Normalizer:
     return Normalizer(args.mean or CIFAR10_MEAN, args.std or CIFAR10_STD, args.baseline)

@@ -6,9 +6,9 @@ import argparse
 import pandas as pd
 import torch
 
-from .data import load_split
+from .data import add_normalization_arguments, load_split
 from .models import load_model
-from .utils import resolve_device, save_dataframe, save_json
+from .utils import add_device_argument, resolve_device, save_dataframe, save_json
 
 
 @torch.inference_mode()
@@ -90,19 +90,18 @@ def summarize(table: pd.DataFrame, reference: pd.DataFrame | None = None) -> dic
 
 def add_commands(subparsers) -> None:
     p = subparsers.add_parser("evaluate", help="per-image predictions and accuracy of a model on the test split")
-    p.add_argument("--data", required=True)
-    p.add_argument("--model", required=True)
-    p.add_argument("--split", default="test", choices=["train", "test"])
+    p.add_argument("--data", required=True, help="converted dataset (.npz)")
+    p.add_argument("--model", required=True, help="model file (.pt)")
+    p.add_argument("--split", default="test", choices=["train", "test"], help="which split (default: test)")
     p.add_argument("--size", type=int, default=None, help="class-balanced subset size of the split")
     p.add_argument("--keep-masks", default=None, help="evaluate on these pixel subsets of the split")
-    p.add_argument("--positions-only", action="store_true")
-    p.add_argument("--mean", type=float, nargs=3, default=None)
-    p.add_argument("--std", type=float, nargs=3, default=None)
-    p.add_argument("--baseline", type=float, default=0.0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--positions-only", action="store_true",
+                   help="feed the keep-masks alone, no pixel values (for models trained so)")
+    add_normalization_arguments(p)
+    add_device_argument(p)
     p.add_argument("--mc-samples", type=int, default=0,
                    help="average N passes with input dropout active (default 0: deterministic, no dropout)")
-    p.add_argument("--mc-seed", type=int, default=0)
+    p.add_argument("--mc-seed", type=int, default=0, help="seed of the Monte-Carlo passes (default: 0)")
     p.add_argument("--reference-predictions", default=None,
                    help="another model's predictions on the same images (.csv), to measure agreement")
     p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",

@@ -23,7 +23,8 @@ from matplotlib.patches import Patch  # noqa: E402
 
 from .analysis import CONDITIONS, markdown_table  # noqa: E402
 from .sis import BackSelectResult, sis_mask  # noqa: E402
-from .utils import atomic_path  # noqa: E402
+from .data import add_normalization_arguments  # noqa: E402
+from .utils import add_device_argument, atomic_path  # noqa: E402
 
 # Okabe & Ito (2008): distinguishable with every common colour-vision deficiency, and in greyscale by
 # lightness together with the hatching of the original-model conditions.
@@ -530,7 +531,7 @@ def add_commands(subparsers) -> None:
     s = add("training-curves", run_training_curves, "loss and accuracy per epoch")
     s.add_argument("--entry", nargs=2, action="append", required=True, metavar=("GROUP", "METRICS"),
                    help="a legend group (replicates share one) and a metrics.csv written by training")
-    s.add_argument("--title", default=None)
+    s.add_argument("--title", default=None, help="figure title (default: none)")
     s = add("table1", run_table1, "Table 1 as grouped bars with error bars")
     s.add_argument("--table", required=True, help="table1.csv")
     s.add_argument("--fraction", type=float, required=True, help="the kept fraction of Table 1")
@@ -538,35 +539,33 @@ def add_commands(subparsers) -> None:
     s = add("fraction-sweep", run_fraction_sweep, "accuracy against the fraction of pixels kept")
     s.add_argument("--sweep", required=True, help="fraction_sweep.csv")
     s.add_argument("--table", default=None, help="table1.csv, for the full-image accuracy")
-    s.add_argument("--chance", type=float, default=0.1)
+    s.add_argument("--chance", type=float, default=0.1, help="chance accuracy (1 / number of classes; default: 0.1)")
     s = add("confidence-curves", run_confidence_curves, "f along backward selection")
     s.add_argument("--entry", nargs=2, action="append", required=True, metavar=("MODEL", "SIS"),
                    help="a model name and its BackSelect result (.npz)")
-    s.add_argument("--tau", type=float, required=True)
+    s.add_argument("--tau", type=float, required=True, help="SIS threshold: f (the predicted class's probability) the subset must keep")
     s = add("sis-sizes", run_sis_sizes, "SIS sizes of correct vs incorrect images")
     s.add_argument("--entry", nargs=2, action="append", required=True, metavar=("MODEL", "CSV"),
                    help="a model name and its per-image SIS size table")
     s.add_argument("--summary", required=True, help="the SIS size summary (.csv) with the Mann-Whitney test")
-    s.add_argument("--tau", type=float, required=True)
+    s.add_argument("--tau", type=float, required=True, help="SIS threshold: f (the predicted class's probability) the subset must keep")
     s = add("sis-examples", run_sis_examples, "sample test images with their SIS (the paper's Figure 1)")
-    s.add_argument("--data", required=True)
+    s.add_argument("--data", required=True, help="converted dataset (.npz)")
     s.add_argument("--model", required=True, help="the model file whose SIS are shown")
     s.add_argument("--sis", required=True, help="its BackSelect result on the test split (.npz)")
-    s.add_argument("--tau", type=float, required=True)
+    s.add_argument("--tau", type=float, required=True, help="SIS threshold: f (the predicted class's probability) the subset must keep")
     s.add_argument("--per-class", type=int, default=2, help="examples per class")
-    s.add_argument("--title", default=None)
-    s.add_argument("--mean", type=float, nargs=3, default=None)
-    s.add_argument("--std", type=float, nargs=3, default=None)
-    s.add_argument("--baseline", type=float, default=0.0)
-    s.add_argument("--device", default="auto")
+    s.add_argument("--title", default=None, help="figure title (default: none)")
+    add_normalization_arguments(s)
+    add_device_argument(s)
     s = add("mitigation", run_mitigation, "ensembles and input dropout against single models")
     s.add_argument("--entry", nargs=2, action="append", required=True, metavar=("MODEL", "CSV"),
                    help="a model name and its per-image SIS size table")
     s.add_argument("--table", required=True, help="mitigation.csv")
-    s.add_argument("--tau", type=float, required=True)
+    s.add_argument("--tau", type=float, required=True, help="SIS threshold: f (the predicted class's probability) the subset must keep")
     t = sub.add_parser("table-html", help="a result table (.csv) as an HTML page for the report")
-    t.add_argument("--table", required=True)
-    t.add_argument("--title", required=True)
+    t.add_argument("--table", required=True, help="a table (.csv) of results/tables/")
+    t.add_argument("--title", required=True, help="the heading shown above it")
     t.add_argument("--out", required=True, help="the .html file")
     t.set_defaults(handler=run_table_html)
 

@@ -40,7 +40,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from .data import Normalizer, Split, load_split
+from .data import Normalizer, Split, add_normalization_arguments, load_split
 from .utils import atomic_path, load_npz, save_dataframe
 
 log = logging.getLogger(__name__)
@@ -490,9 +490,7 @@ def add_commands(subparsers) -> None:
                    help="rebuild the study of this answer key, with its image ids (default: fresh random ids)")
     b.add_argument("--display-size", type=int, default=256, help="on-screen size of the pictures in CSS pixels")
     b.add_argument("--post-url", default=None, help="optional URL the page POSTs the responses CSV to")
-    b.add_argument("--mean", type=float, nargs=3, default=None)
-    b.add_argument("--std", type=float, nargs=3, default=None)
-    b.add_argument("--baseline", type=float, default=0.0)
+    add_normalization_arguments(b)
     b.add_argument("--bundle", required=True, help="study folder to create")
     b.add_argument("--zip", required=True, help="zip of the study folder")
     b.add_argument("--key", required=True, help="answer key (.csv), outside the study folder")

@@ -530,8 +530,8 @@ class IncrementalForward:
         values: dict[fx.Node, object] = {}
         for node in self.nodes:
             plan = self.plans[node]
-            inputs = [m for m in node.all_input_nodes if m in changed]
-            moved = torch.stack([changed[m] for m in inputs]).any(0) if inputs else None
+            inputs = [changed[m] for m in node.all_input_nodes if m in changed]
+            moved = inputs[0] if len(inputs) == 1 else torch.stack(inputs).any(0) if inputs else None
             if plan.state == "const":
                 values[node] = plan.value
                 continue

@@ -184,7 +184,7 @@ class Ensemble(nn.Module):
 
 def add_commands(subparsers) -> None:
     p = subparsers.add_parser("ensemble", help="combine trained models into one ensemble model file")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="ensemble model file (.pt)")
     p.add_argument("members", nargs="+", help="member model files (.pt)")
     p.set_defaults(handler=lambda a: save_ensemble(a.out, a.members))
 

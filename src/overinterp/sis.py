@@ -218,12 +218,9 @@ def keep_last(result: BackSelectResult, n: int | None = None, fraction: float | 
 
 
 def _prepare_model(model: torch.nn.Module, dtype: torch.dtype, memory_format) -> torch.nn.Module:
-    """The model in eval mode and ``memory_format``, computing in ``dtype`` (a converted copy if it differs)."""
-    model.eval()
-    floating = [t.dtype for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()]
-    if any(d != dtype for d in floating):
-        model = copy.deepcopy(model).to(dtype)
-    return model.to(memory_format=memory_format)
+    """A copy of the model in eval mode and ``memory_format``, computing in ``dtype``: the caller's model keeps
+    its mode, layout and dtype."""
+    return copy.deepcopy(model).eval().to(dtype).to(memory_format=memory_format)
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:

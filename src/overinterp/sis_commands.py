@@ -20,7 +20,8 @@ import torch
 
 from .incremental import EVALUATORS
 from .sis import BackSelect, BackSelectResult, GradientBackSelect, keep_last, kept_count
-from .utils import DataError, resolve_device, save_dataframe
+from .data import add_normalization_arguments
+from .utils import DataError, add_device_argument, resolve_device, save_dataframe
 
 log = logging.getLogger(__name__)
 
@@ -129,20 +130,16 @@ def build_engine(method: str, model, args) -> BackSelect | GradientBackSelect:
     return GradientBackSelect(model, pixels_per_step=args.pixels_per_step, **common)
 
 
-def add_normalization_arguments(p) -> None:
-    p.add_argument("--mean", type=float, nargs=3, default=None)
-    p.add_argument("--std", type=float, nargs=3, default=None)
-    p.add_argument("--baseline", type=float, default=0.0, help="value of masked pixels after normalisation")
-
-
 def add_commands(subparsers) -> None:
     p = subparsers.add_parser("sis", help="backward-selection orderings of one shard of a split (resumable)")
     p.add_argument("--data", required=True, help="converted dataset (.npz)")
     p.add_argument("--model", required=True, help="model file (.pt)")
-    p.add_argument("--split", required=True, choices=["train", "test"])
+    p.add_argument("--split", required=True, choices=["train", "test"], help="which split's images")
     p.add_argument("--size", type=int, default=None, help="class-balanced subset size of the split")
     p.add_argument("--limit", type=int, default=None, help="only the first LIMIT images (after --size)")
-    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument("--method", required=True, choices=METHODS,
+                   help="exact: the paper's BackSelect; gradient: Batched Gradient BackSelect (one forward+backward "
+                        "per step)")
     p.add_argument("--pixels-per-step", type=int, default=10, help="gradient method: pixels masked per step")
     p.add_argument("--batch-size", type=int, default=None,
                    help="candidates per forward (exact; default: the fastest, measured at the start) or images per "
@@ -151,18 +148,18 @@ def add_commands(subparsers) -> None:
                    help="float32 (default) or float64: exact; tf32, bf16: faster on CUDA, approximate")
     p.add_argument("--evaluator", default="auto", choices=EVALUATORS,
                    help="exact method: incremental (recompute only what the masked pixel changes; the same function), "
-                        "full (plain forwards) or auto (default: incremental where supported and faster)")
-    p.add_argument("--shard", type=int, default=0)
-    p.add_argument("--shards", type=int, default=1)
+                        "full (plain forwards) or auto (default: measure both at the start, take the faster)")
+    p.add_argument("--shard", type=int, default=0, help="which part of the split, 0..SHARDS-1 (default: 0)")
+    p.add_argument("--shards", type=int, default=1, help="parts the split is cut into (default: 1)")
     p.add_argument("--checkpoint-seconds", type=float, default=30.0, help="save finished images this often")
     add_normalization_arguments(p)
-    p.add_argument("--device", default="auto")
+    add_device_argument(p)
     p.add_argument("--out", required=True, help="result file (.npz)")
     p.set_defaults(handler=run_sis)
 
     p = subparsers.add_parser("sis-merge", help="merge the shard files of one split into one result file")
-    p.add_argument("--out", required=True)
-    p.add_argument("shards", nargs="+")
+    p.add_argument("--out", required=True, help="merged result file (.npz)")
+    p.add_argument("shards", nargs="+", help="the shard files (.npz), every shard of the split exactly once")
     p.set_defaults(handler=lambda a: merge_shards(a.shards).save(a.out) or 0)
 
     p = subparsers.add_parser("sis-agreement", help="per-image agreement of exact and gradient orderings")
@@ -170,17 +167,17 @@ def add_commands(subparsers) -> None:
     p.add_argument("--gradient", required=True, help="gradient BackSelect result (.npz)")
     p.add_argument("--fraction", type=float, default=0.05, help="kept fraction compared (default 0.05)")
     p.add_argument("--data", required=True, help="converted dataset, to evaluate the model on the kept pixels")
-    p.add_argument("--model", required=True)
-    p.add_argument("--split", default="test", choices=["train", "test"])
+    p.add_argument("--model", required=True, help="the model both orderings were made for (.pt)")
+    p.add_argument("--split", default="test", choices=["train", "test"], help="the results' split (default: test)")
     add_normalization_arguments(p)
-    p.add_argument("--device", default="auto")
+    add_device_argument(p)
     p.add_argument("--out", required=True, help="per-image table (.csv)")
     p.set_defaults(handler=run_agreement)
 
     p = subparsers.add_parser("sis-agreement-table", help="summary of per-image agreement tables, one row per model")
-    p.add_argument("--csv", required=True)
-    p.add_argument("--markdown", required=True)
-    p.add_argument("tables", nargs="+", metavar="MODEL=CSV")
+    p.add_argument("--csv", required=True, help="summary table (.csv)")
+    p.add_argument("--markdown", required=True, help="the same as Markdown (.md)")
+    p.add_argument("tables", nargs="+", metavar="MODEL=CSV", help="per-image tables of sis-agreement, by model")
     p.set_defaults(handler=run_agreement_table)
 
 

@@ -20,16 +20,22 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .data import Normalizer, Split, load_split, model_inputs, normalizer_from_args
+from .data import Normalizer, Split, add_normalization_arguments, load_split, model_inputs, normalizer_from_args
 from .evaluate import predict
-from .models import build_model, save_model
-from .utils import load_torch, resolve_device, save_dataframe, save_torch
+from .models import ARCHITECTURES, DEPRECATED_NAMES, build_model, save_model
+from .utils import add_device_argument, load_torch, resolve_device, save_dataframe, save_torch
 
 log = logging.getLogger(__name__)
 
 
 class FromDict:
     """``from_dict`` for recipe dataclasses: unknown keys are an error that lists the known ones."""
+
+    @classmethod
+    def describe(cls) -> str:
+        """Every key with its default, for --help."""
+        return ", ".join(f"{f.name} ({f.default_factory() if f.default is dataclasses.MISSING else f.default})"
+                         for f in dataclasses.fields(cls))
 
     @classmethod
     def from_dict(cls, values: dict):
@@ -198,17 +204,18 @@ def train_model(
 def add_commands(subparsers) -> None:
     p = subparsers.add_parser("train", help="train a model on full images or on pixel subsets")
     p.add_argument("--data", required=True, help="converted dataset (.npz)")
-    p.add_argument("--arch", required=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--recipe", default="{}", help="JSON object of training settings (see Recipe)")
+    p.add_argument("--arch", required=True, choices=sorted([*ARCHITECTURES, *DEPRECATED_NAMES]), metavar="ARCH",
+                   help=f"the network: {', '.join(sorted(ARCHITECTURES))} (old names: {', '.join(DEPRECATED_NAMES)})")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and the data order (default: 0)")
+    p.add_argument("--recipe", default="{}",
+                   help=f"JSON object of training settings, any of (default): {Recipe.describe()}. "
+                        "Example: '{\"epochs\": 30, \"milestones\": [15, 25]}'")
     p.add_argument("--train-size", type=int, default=None, help="class-balanced subset of the training split")
     p.add_argument("--test-size", type=int, default=None, help="class-balanced subset of the test split")
     p.add_argument("--keep-masks", default=None, help="pixel-subset keep-masks (.npz) to train and test on")
     p.add_argument("--positions-only", action="store_true", help="train on the keep-masks alone (control)")
-    p.add_argument("--mean", type=float, nargs=3, default=None)
-    p.add_argument("--std", type=float, nargs=3, default=None)
-    p.add_argument("--baseline", type=float, default=0.0, help="value of masked pixels after normalisation")
-    p.add_argument("--device", default="auto")
+    add_normalization_arguments(p)
+    add_device_argument(p)
     p.add_argument("--checkpoint", default=None, help="resume state, written after every epoch")
     p.add_argument("--out", required=True, help="model file (.pt)")
     p.add_argument("--metrics", required=True, help="per-epoch metrics (.csv)")

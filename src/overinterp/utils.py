@@ -134,6 +134,10 @@ def save_dataframe(path, frame) -> None:
             frame.to_csv(tmp, index=False)
 
 
+def add_device_argument(p) -> None:
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto: CUDA when present (default: auto)")
+
+
 def resolve_device(name: str | None = None) -> torch.device:
     """``auto`` (or None) picks CUDA when present, else the CPU. With several GPUs visible (one machine
     running ``--resources gpu=N`` jobs side by side) each process claims a GPU no other one holds."""
