@@ -494,3 +494,26 @@ def test_the_callers_model_is_left_as_it_was(engine):
     for key, value in model.state_dict().items():
         assert value.dtype == before[key].dtype and value.stride() == strides[key]
         assert torch.equal(value, before[key])
+
+
+def test_incremental_dilated_grouped_strided_convolutions_and_pooling():
+    g = torch.Generator().manual_seed(7)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=2, dilation=2), nn.ReLU(),
+                          nn.Conv2d(6, 6, 3, stride=2, padding=1, groups=3), nn.BatchNorm2d(6), nn.ReLU(),
+                          nn.AvgPool2d(2), nn.Conv2d(6, 8, 1), nn.MaxPool2d(2), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(8, 5)).double()
+    random_batch_norm(model, 8)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    forward = incremental.IncrementalForward(model, (3, 32, 24), 0.0, torch.float64, torch.device("cpu"))
+    assert window_layers(forward) >= 2
+    image = torch.randn(1, 3, 32, 24, dtype=torch.float64, generator=g)
+    forward.ensure_capacity(1)
+    forward.refresh(torch.zeros(1, dtype=torch.long), image)
+    pixels = torch.arange(0, 32 * 24, 7)
+    got = forward.logits(torch.zeros(len(pixels), dtype=torch.long), pixels)
+    batch = image.repeat(len(pixels), 1, 1, 1)
+    batch.view(len(pixels), 3, -1)[torch.arange(len(pixels)), :, pixels] = 0.0
+    with torch.no_grad():
+        torch.testing.assert_close(got, model(batch), rtol=0, atol=1e-11)

@@ -274,6 +274,8 @@ class IncrementalForward:
         self.outputs: torch.Tensor | None = None  # (slots, *output shape): the current images' output
         self.padding: dict[fx.Node, int] = {}
         self._padding()
+        # The longest read or window along an axis: maps only shrink here, and reads reach past them by padding.
+        self.extent = max(self.height, self.width) + 2 * max(self.padding.values())
         self.gain = self._estimated_gain()
 
     # -------------------------------------------------------------------------------------------- planning
@@ -523,7 +525,7 @@ class IncrementalForward:
         slots, pixels = slots.int(), pixels.int()
         rows, cols = pixels // self.width, pixels % self.width
         n = len(slots)
-        arange = torch.arange(max(n, self.height + 64, self.width + 64), dtype=torch.int32, device=self.device)
+        arange = torch.arange(max(n, self.extent), dtype=torch.int32, device=self.device)
         materialised: dict[fx.Node, torch.Tensor] = {}  # whole maps, shared by the full-mode consumers
         windows: dict[fx.Node, torch.Tensor] = {}
         changed: dict[fx.Node, torch.Tensor] = {}
