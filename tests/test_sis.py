@@ -240,7 +240,7 @@ def test_sis_size_and_mask():
     sizes = sis_size(r, 0.99)
     assert sizes[0] == 1 and np.isnan(sizes[1])
     masks = sis_mask(r, 0.99)
-    assert masks[1] is None
+    assert masks[1] is None and masks[0].shape == (2, 3)  # shaped like the image
     np.testing.assert_array_equal(np.flatnonzero(masks[0]), [2])
     # At 0.992: last value >= 0.992 is position 1, so pixels removed after it: 3, 1, 4, 2.
     assert sis_size(r, 0.992)[0] == 4
@@ -249,6 +249,116 @@ def test_sis_size_and_mask():
     assert sis_size(r, 0.996)[0] == 6 and sis_mask(r, 0.996)[0].all()
     assert sis_size(r, 0.4)[0] == 0 and not sis_mask(r, 0.4)[0].any()
     assert sis_size(r, 0.9).tolist() == [1, 0]
+
+
+def reference_with_baseline(model, image, baseline, target=None):
+    """Exact BackSelect of one image where a masked pixel p takes ``baseline[:, p]`` (C, H*W), written out."""
+    c, h, w = image.shape
+    with torch.no_grad():
+        t = int(model(image[None]).softmax(1).argmax()) if target is None else target
+        current, remaining, order = image.clone().reshape(c, h * w), list(range(h * w)), []
+        while remaining:
+            candidates = current.repeat(len(remaining), 1, 1)
+            for i, p in enumerate(remaining):
+                candidates[i, :, p] = baseline[:, p]
+            best = int(np.argmax(model(candidates.reshape(-1, c, h, w)).softmax(1)[:, t].numpy()))
+            p = remaining.pop(best)
+            current[:, p] = baseline[:, p]
+            order.append(p)
+    return np.array(order), t
+
+
+def test_baselines_as_a_scalar_per_channel_values_or_a_tensor():
+    """Captum's forms of ``baselines``: each gives the ordering of BackSelect with masked pixels set to it."""
+    model = small_model(21, 3, 4)
+    images = torch.randn(2, 3, 3, 4, generator=torch.Generator().manual_seed(22), dtype=torch.float64)
+    engine = BackSelect(model, dtype=torch.float64, progress=False)
+    per_image = torch.randn(2, 3, 3, 4, generator=torch.Generator().manual_seed(23), dtype=torch.float64)
+    forms = {
+        0.7: torch.full((3, 12), 0.7, dtype=torch.float64).expand(2, 3, 12),
+        (0.1, -0.5, 0.3): torch.tensor([0.1, -0.5, 0.3], dtype=torch.float64).view(1, 3, 1).expand(2, 3, 12),
+        "per image": per_image.reshape(2, 3, 12),
+    }
+    for form, expected in forms.items():
+        given = per_image if form == "per image" else torch.tensor(form, dtype=torch.float64)
+        for method in (engine, GradientBackSelect(model, pixels_per_step=1, dtype=torch.float64, progress=False)):
+            result = method.attribute(images, target=1, baselines=given)
+            assert (result.target == 1).all()  # an int target is broadcast over the batch
+            if isinstance(method, BackSelect):
+                for b in range(2):
+                    np.testing.assert_array_equal(result.order[b], reference_with_baseline(model, images[b],
+                                                                                           expected[b], 1)[0])
+    # The default is the engine's baseline; a scalar equal to it changes nothing.
+    np.testing.assert_array_equal(engine.attribute(images, baselines=0.0).order, engine.attribute(images).order)
+    with pytest.raises(ValueError, match="do not broadcast"):
+        engine.attribute(images, baselines=torch.zeros(5))
+
+
+def reference_features(model, image, features, target=None):
+    """Exact BackSelect over features (groups of pixels masked together), written out: the feature order."""
+    c = image.shape[0]
+    ids = features.flatten()
+    with torch.no_grad():
+        t = int(model(image[None]).softmax(1).argmax()) if target is None else target
+        current, remaining, order = image.clone().reshape(c, -1), sorted(set(ids.tolist())), []
+        while remaining:
+            f = []
+            for feature in remaining:
+                candidate = current.clone()
+                candidate[:, ids == feature] = 0
+                f.append(float(model(candidate.reshape(1, *image.shape)).softmax(1)[0, t]))
+            feature = remaining.pop(int(np.argmax(f)))
+            current[:, ids == feature] = 0
+            order.append(feature)
+    return order
+
+
+def test_feature_mask_groups_pixels_into_features():
+    """SIS over superpixels: features are removed whole, the result lists their pixels together."""
+    model = small_model(31, 4, 6)
+    images = torch.randn(2, 3, 4, 6, generator=torch.Generator().manual_seed(32), dtype=torch.float64)
+    blocks = (torch.arange(4).view(4, 1) // 2) * 10 + torch.arange(6).view(1, 6) // 2  # six 2x2 blocks, ids 0..21
+    result = BackSelect(model, dtype=torch.float64, progress=False).attribute(images, feature_mask=blocks)
+    assert result.meta["features"] == 6 and result.order.shape == (2, 24)
+    flat = blocks.flatten().numpy()
+    for b in range(2):
+        removed = list(dict.fromkeys(flat[result.order[b]]))  # features in removal order
+        assert removed == reference_features(model, images[b], blocks)
+        for feature in removed:  # a feature's pixels are consecutive and share one value
+            positions = np.flatnonzero(flat[result.order[b]] == feature)
+            assert np.ptp(positions) == 3 and len(set(result.values[b, positions])) == 1
+    mask = sis_mask(result, 0.0)[0]
+    assert mask.shape == (4, 6)
+    # On a linear model, the gradient over features with one feature per step is the exact ordering.
+    linear = nn.Sequential(nn.Flatten(), nn.Linear(3 * 24, 2)).double()
+    per_image = blocks.expand(2, 1, 4, 6)
+    exact = BackSelect(linear, dtype=torch.float64, progress=False).attribute(images, feature_mask=per_image)
+    gradient = GradientBackSelect(linear, pixels_per_step=1, dtype=torch.float64,
+                                  progress=False).attribute(images, feature_mask=per_image)
+    np.testing.assert_array_equal(exact.order, gradient.order)
+    with pytest.raises(ValueError, match="integer feature ids"):
+        BackSelect(model, progress=False).attribute(images, feature_mask=blocks.double())
+
+
+class DictOutput(nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return {"logits": self.net(x), "features": x.mean((2, 3))}
+
+
+def test_models_with_dict_or_tuple_outputs_name_their_logits():
+    model = small_model(41, 3, 3)
+    images = torch.randn(2, 3, 3, 3, generator=torch.Generator().manual_seed(42), dtype=torch.float64)
+    plain = BackSelect(model, dtype=torch.float64, progress=False).attribute(images)
+    for select in ("logits", lambda out: out["logits"]):
+        picked = BackSelect(DictOutput(model), dtype=torch.float64, progress=False,
+                            select_output=select).attribute(images)
+        np.testing.assert_array_equal(picked.order, plain.order)
+    with pytest.raises(ValueError, match="returned dict.*select_output"):
+        GradientBackSelect(DictOutput(model), dtype=torch.float64, progress=False).attribute(images)
 
 
 def test_keep_last():

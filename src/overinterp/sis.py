@@ -179,7 +179,7 @@ def sis_size(result: BackSelectResult, tau: float) -> np.ndarray:
 
 
 def sis_mask(result: BackSelectResult, tau: float) -> list[np.ndarray | None]:
-    """Per image, the (H*W,) bool mask of its SIS at ``tau`` (True = in the SIS), None where f(full) < tau."""
+    """Per image, the (H, W) bool mask of its SIS at ``tau`` (True = in the SIS), None where f(full) < tau."""
     last = _last_at_least(result, tau)
     masks: list[np.ndarray | None] = []
     for b in range(len(result)):
@@ -188,7 +188,7 @@ def sis_mask(result: BackSelectResult, tau: float) -> list[np.ndarray | None]:
             continue
         mask = np.zeros(result.num_pixels, dtype=bool)
         mask[result.order[b, last[b] + 1:]] = True
-        masks.append(mask)
+        masks.append(mask.reshape(result.height, result.width))
     return masks
 
 
@@ -217,10 +217,86 @@ def keep_last(result: BackSelectResult, n: int | None = None, fraction: float | 
 # Engines
 
 
-def _prepare_model(model: torch.nn.Module, dtype: torch.dtype, memory_format) -> torch.nn.Module:
+class SelectOutput(torch.nn.Module):
+    """The logits out of a model that returns more than a tensor: ``select`` is a key of its dict output, an
+    index of its tuple output, or a callable taking the output."""
+
+    def __init__(self, module: torch.nn.Module, select):
+        super().__init__()
+        self.module, self.select = module, select
+
+    def forward(self, x):
+        out = self.module(x)
+        return self.select(out) if callable(self.select) else out[self.select]
+
+
+class FeatureModel(torch.nn.Module):
+    """The model as a function of which features (groups of pixels) are present, for SIS over features.
+
+    Its input is (N, 1, 1, F): 1 = feature present, 0 = masked. ``image`` (1 or N, C, H, W) is shown with
+    the pixels of masked features set to ``baseline`` (a scalar or a tensor broadcastable to the image);
+    ``features`` (H, W) holds each pixel's feature id in 0..F-1.
+    """
+
+    def __init__(self, module: torch.nn.Module, image: torch.Tensor, baseline, features: torch.Tensor,
+                 memory_format):
+        super().__init__()
+        self.module, self.memory_format = module, memory_format
+        self.register_buffer("image", image)
+        self.register_buffer("baseline", torch.as_tensor(baseline, dtype=image.dtype, device=image.device))
+        self.register_buffer("features", features.flatten())
+
+    def forward(self, present):
+        n, (_, channels, height, width) = len(present), self.image.shape
+        keep = present.reshape(n, -1)[:, self.features].view(n, 1, height, width)
+        x = self.image * keep + self.baseline * (1 - keep)
+        return self.module(x.contiguous(memory_format=self.memory_format))
+
+
+def _prepare_model(model: torch.nn.Module, dtype: torch.dtype, memory_format, select_output=None) -> torch.nn.Module:
     """A copy of the model in eval mode and ``memory_format``, computing in ``dtype``: the caller's model keeps
     its mode, layout and dtype."""
-    return copy.deepcopy(model).eval().to(dtype).to(memory_format=memory_format)
+    model = copy.deepcopy(model).eval().to(dtype).to(memory_format=memory_format)
+    return model if select_output is None else SelectOutput(model, select_output)
+
+
+def _as_baseline(baselines, images: torch.Tensor) -> float | torch.Tensor:
+    """``baselines`` as a float, or as a (1 or B, C, H or 1, W or 1) tensor: a scalar, one value per channel,
+    or a tensor broadcastable to the (B, C, H, W) inputs."""
+    if isinstance(baselines, (int, float)):
+        return float(baselines)
+    b = torch.as_tensor(baselines, dtype=images.dtype)
+    batch, channels = images.shape[:2]
+    if b.numel() == 1:
+        return float(b)
+    if b.ndim == 1 and len(b) == channels:  # one value per channel
+        b = b.view(1, channels, 1, 1)
+    while b.ndim < 4:
+        b = b.unsqueeze(0)
+    try:
+        torch.broadcast_shapes(b.shape, images.shape)
+    except RuntimeError:
+        raise ValueError(f"baselines of shape {tuple(torch.as_tensor(baselines).shape)} do not broadcast to the "
+                         f"inputs {tuple(images.shape)}: give a scalar, {channels} per-channel values or a "
+                         "tensor broadcastable to the inputs") from None
+    if b.shape[0] > 1 and bool((b == b[:1]).all()):
+        b = b[:1]
+    return b
+
+
+def _feature_ids(feature_mask, images: torch.Tensor) -> torch.Tensor:
+    """``feature_mask`` as (1 or B, H, W) long tensor of feature ids 0..F-1 (Captum's form: (H, W), (1, 1, H,
+    W), (B, 1, H, W), any ids; they are renumbered in ascending order)."""
+    batch, _, height, width = images.shape
+    ids = torch.as_tensor(feature_mask)
+    if ids.is_floating_point() or ids.dtype == torch.bool:
+        raise ValueError(f"feature_mask must hold integer feature ids, not {ids.dtype}")
+    if ids.shape[-2:] != (height, width) or ids.ndim > 4 or (ids.ndim == 4 and ids.shape[1] != 1) or (
+            ids.ndim >= 3 and ids.shape[0] not in (1, batch)):
+        raise ValueError(f"feature_mask of shape {tuple(ids.shape)} does not fit the inputs {tuple(images.shape)}: "
+                         f"give (H, W), (1, 1, H, W) or (B, 1, H, W) feature ids")
+    ids = ids.reshape(-1, height, width).long()
+    return torch.stack([torch.unique(m, return_inverse=True)[1] for m in ids])
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
@@ -230,11 +306,11 @@ def _model_device(model: torch.nn.Module) -> torch.device:
 
 
 class _Engine:
-    def __init__(self, model, baseline, batch_size, dtype, bf16, progress, defaults, memory_format):
+    def __init__(self, model, baseline, batch_size, dtype, bf16, progress, defaults, memory_format, select_output):
         if memory_format not in (torch.channels_last, torch.contiguous_format):
             raise ValueError("memory_format must be torch.channels_last or torch.contiguous_format")
         self.memory_format = memory_format
-        self.model = _prepare_model(model, dtype, memory_format)
+        self.model = _prepare_model(model, dtype, memory_format, select_output)
         self.device = _model_device(self.model)
         self.dtype = dtype
         self.baseline = float(baseline)
@@ -256,6 +332,11 @@ class _Engine:
         """Softmax over the classes of the model's output on (N, C, H, W) ``x``, in the result dtype."""
         with self.autocast():
             logits = self.model(x.contiguous(memory_format=self.memory_format))
+        if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
+            raise ValueError(f"the model returned {type(logits).__name__}"
+                             f"{'' if not isinstance(logits, torch.Tensor) else ' of shape ' + str(tuple(logits.shape))}"
+                             ", not (N, classes) logits: pass select_output (a key, an index or a callable that "
+                             "picks the logits from the output)")
         return logits.to(self.dtype).softmax(1)
 
     def progress_bar(self, total: int, unit: str, desc: str) -> tqdm:
@@ -267,23 +348,109 @@ class _Engine:
     def check_inputs(self, images, target):
         images = torch.as_tensor(images)
         if images.ndim != 4 or not images.is_floating_point():
-            raise ValueError(f"images must be a float (B, C, H, W) tensor of normalised images, not {images.dtype} "
+            raise ValueError(f"inputs must be a float (B, C, H, W) tensor of normalised images, not {images.dtype} "
                              f"{tuple(images.shape)}")
         if target is not None:
-            target = torch.as_tensor(target, dtype=torch.long).flatten()
+            target = torch.as_tensor(target, dtype=torch.long)
+            target = target.expand(len(images)) if target.ndim == 0 else target.flatten()
             if len(target) != len(images):
                 raise ValueError(f"{len(target)} targets for {len(images)} images")
         return images, target
 
-    def attribute(self, images, target=None) -> BackSelectResult:
-        """Orderings of all ``images`` ((B, C, H, W), normalised); ``target`` defaults to the prediction."""
-        rows: list[BackSelectResult | None] = [None] * len(images)
-        for i, row in self.attribute_iter(images, target):
+    def attribute(self, inputs, target=None, baselines=None, feature_mask=None) -> BackSelectResult:
+        """Orderings of all ``inputs`` ((B, C, H, W), normalised), as :meth:`attribute_iter`."""
+        rows: list[BackSelectResult | None] = [None] * len(inputs)
+        for i, row in self.attribute_iter(inputs, target, baselines, feature_mask):
             rows[i] = row
         return BackSelectResult.concatenate(rows)
 
-    def attribute_iter(self, images, target=None) -> Iterator[tuple[int, BackSelectResult]]:
+    def attribute_iter(self, inputs, target=None, baselines=None,
+                       feature_mask=None) -> Iterator[tuple[int, BackSelectResult]]:
+        """Yield ``(i, result of image i)`` as images finish.
+
+        ``target``: the class whose probability is f: an int for every image, one per image, or None (the
+        prediction on the full image). ``baselines``: what a masked pixel becomes: a scalar, one value per
+        channel, or a tensor broadcastable to the inputs (per-image baselines run image by image); default:
+        the engine's ``baseline``. ``feature_mask``: (H, W) or (B, 1, H, W) integer ids grouping pixels into
+        features (e.g. superpixels) that are removed together; the result then orders pixels feature by
+        feature (a feature's pixels consecutive, in ascending index, sharing its value) and ``meta["features"]``
+        counts them.
+        """
+        images, target = self.check_inputs(inputs, target)
+        baseline = self.baseline if baselines is None else _as_baseline(baselines, images)
+        if feature_mask is not None:
+            yield from self._feature_iter(images, target, baseline, _feature_ids(feature_mask, images))
+        elif isinstance(baseline, float):
+            engine = self if baseline == self.baseline else self._derived(self.model, baseline, **self._fresh_plans())
+            yield from engine._attribute_iter(images, target)
+        else:
+            yield from self._baseline_iter(images, target, baseline)
+
+    def _attribute_iter(self, images, target) -> Iterator[tuple[int, BackSelectResult]]:
         raise NotImplementedError
+
+    def _derived(self, model: torch.nn.Module, baseline: float, **settings) -> "_Engine":
+        """This engine with another model (already prepared) and scalar baseline."""
+        engine = copy.copy(self)
+        engine.model, engine.baseline = model, baseline
+        engine.__dict__.update(settings)
+        return engine
+
+    def _baseline_iter(self, images, target, baseline: torch.Tensor) -> Iterator[tuple[int, BackSelectResult]]:
+        """A tensor baseline b: the model on (x - b) + b, with masked inputs at 0, is the model on x with masked
+        pixels at b. One shared b keeps batching; per-image baselines run image by image."""
+        groups = [(torch.arange(len(images)), baseline)] if len(baseline) == 1 else \
+            [(torch.tensor([i]), baseline[i : i + 1]) for i in range(len(images))]
+        for rows, b in groups:
+            b = b.to(self.device, self.dtype)
+            engine = self._derived(_Shifted(self.model, b), 0.0, **self._fresh_plans())
+            shifted = images[rows].to(self.device, self.dtype) - b
+            for i, row in engine._attribute_iter(shifted, None if target is None else target[rows]):
+                yield int(rows[i]), row
+
+    def _fresh_plans(self) -> dict:
+        return {}
+
+    def _feature_iter(self, images, target, baseline, features) -> Iterator[tuple[int, BackSelectResult]]:
+        """SIS over features: BackSelect of each image's :class:`FeatureModel`, whose "pixels" are features,
+        mapped back to pixels."""
+        bar = self.progress_bar(len(images), "img", f"{type(self).__name__} over features")
+        for i in range(len(images)):
+            ids = features[min(i, len(features) - 1)].to(self.device)
+            count = int(ids.max()) + 1
+            b = baseline if isinstance(baseline, float) else baseline[min(i, len(baseline) - 1)].to(self.device)
+            model = FeatureModel(self.model, images[i : i + 1].to(self.device, self.dtype), b, ids, self.memory_format)
+            engine = self._derived(model, 0.0, progress=False, **self._feature_settings(count))
+            present = torch.ones(1, 1, 1, count, device=self.device, dtype=self.dtype)
+            ((_, row),) = engine._attribute_iter(present, None if target is None else target[i : i + 1])
+            bar.update(1)
+            yield i, _pixels_of_features(row, ids.cpu().numpy(), count)
+        bar.close()
+
+    def _feature_settings(self, count: int) -> dict:
+        return {}
+
+
+class _Shifted(torch.nn.Module):
+    """``module(x + shift)``."""
+
+    def __init__(self, module: torch.nn.Module, shift: torch.Tensor):
+        super().__init__()
+        self.module = module
+        self.register_buffer("shift", shift)
+
+    def forward(self, x):
+        return self.module(x + self.shift)
+
+
+def _pixels_of_features(row: BackSelectResult, ids: np.ndarray, count: int) -> BackSelectResult:
+    """A result over ``count`` features (a 1 x F "image") as a result over the pixels of ``ids`` (H, W)."""
+    flat = ids.reshape(-1)
+    members = [np.flatnonzero(flat == f) for f in range(count)]
+    order = np.concatenate([members[f] for f in row.order[0]])
+    values = np.repeat(row.values[0], [len(members[f]) for f in row.order[0]])
+    meta = dict(row.meta, features=count)
+    return BackSelectResult(order[None], values[None], row.target, row.full_confidence, *ids.shape, meta=meta)
 
 
 class BackSelect(_Engine):
@@ -302,12 +469,14 @@ class BackSelect(_Engine):
     cone of the masked pixel in each layer (see :mod:`overinterp.incremental`; the same function, faster),
     "full" runs plain forwards, "auto" (default) measures both (with the batch sizes) and takes the faster.
     ``evaluator_for(image_shape)`` says which one runs and why; results record it in ``meta``.
+    ``select_output`` picks the logits out of a model whose output is a dict or tuple (a key, an index or a
+    callable). :meth:`attribute` takes Captum's ``target``, ``baselines`` and ``feature_mask`` forms.
     """
 
     def __init__(self, model: torch.nn.Module, baseline: float = 0.0, batch_size: int | None = None,
                  dtype: torch.dtype = torch.float32, bf16: bool = False, progress: bool = True,
-                 memory_format=torch.channels_last, evaluator: str = "auto"):
-        super().__init__(model, baseline, batch_size, dtype, bf16, progress, None, memory_format)
+                 memory_format=torch.channels_last, evaluator: str = "auto", select_output=None):
+        super().__init__(model, baseline, batch_size, dtype, bf16, progress, None, memory_format, select_output)
         if evaluator not in incremental.EVALUATORS:
             raise ValueError(f"evaluator must be one of {', '.join(incremental.EVALUATORS)}, not {evaluator!r}")
         if bf16 and evaluator == "incremental":
@@ -386,9 +555,16 @@ class BackSelect(_Engine):
             seconds.append(time.perf_counter() - start)
         return size / min(seconds), min(seconds)
 
-    def attribute_iter(self, images, target=None) -> Iterator[tuple[int, BackSelectResult]]:
+    def _fresh_plans(self) -> dict:
+        return {"_plans": {}}
+
+    def _feature_settings(self, count: int) -> dict:
+        # Few candidates per step: plain forwards of at most all of them, nothing to measure.
+        largest = max(CANDIDATE_BATCH_SIZES.get(self.device.type, CANDIDATE_BATCH_SIZES["cpu"]))
+        return {"_plans": {}, "evaluator": "full", "batch_size": self.batch_size or min(count, largest)}
+
+    def _attribute_iter(self, images, target) -> Iterator[tuple[int, BackSelectResult]]:
         """Yield ``(i, result of image i)`` as images finish (roughly in input order)."""
-        images, target = self.check_inputs(images, target)
         num_images, channels, height, width = images.shape
         pixels = height * width
         if num_images == 0:
@@ -577,16 +753,15 @@ class GradientBackSelect(_Engine):
 
     def __init__(self, model: torch.nn.Module, pixels_per_step: int = 10, baseline: float = 0.0,
                  batch_size: int | None = None, dtype: torch.dtype = torch.float32, bf16: bool = False,
-                 progress: bool = True, memory_format=torch.channels_last):
+                 progress: bool = True, memory_format=torch.channels_last, select_output=None):
         super().__init__(model, baseline, batch_size, dtype, bf16, progress, DEFAULT_GRADIENT_BATCH_SIZE,
-                         memory_format)
+                         memory_format, select_output)
         if pixels_per_step < 1:
             raise ValueError(f"pixels_per_step must be at least 1, not {pixels_per_step}")
         self.pixels_per_step = int(pixels_per_step)
 
-    def attribute_iter(self, images, target=None) -> Iterator[tuple[int, BackSelectResult]]:
+    def _attribute_iter(self, images, target) -> Iterator[tuple[int, BackSelectResult]]:
         """Yield ``(i, result of image i)``, one batch of images at a time."""
-        images, target = self.check_inputs(images, target)
         num_images, _, height, width = images.shape
         pixels, k = height * width, self.pixels_per_step
         steps = math.ceil(pixels / k)
