@@ -32,9 +32,12 @@ else
 SNAKEMAKE_ARGS = --configfile $(CONFIG) $(ARGS)
 endif
 
-# A failed job's log (where its error message is) is printed on the console, not only named.
+# A failed job's log (where its error message is) is printed on the console, not only named; every minute,
+# the progress bars of the running jobs (from their logs) too. The report is built at the end.
 run: install
-	$(BIN)/snakemake --cores $(CORES) --show-failed-logs $(SNAKEMAKE_ARGS)
+	$(BIN)/overinterp watch --logs logs -- $(BIN)/snakemake --cores $(CORES) --show-failed-logs $(SNAKEMAKE_ARGS)
+	$(BIN)/snakemake --cores $(CORES) --report results/report.html $(SNAKEMAKE_ARGS)
+	@echo "The results: $(abspath results/report.html) (open it in a browser; it begins with the headline)"
 
 report: install
 	$(BIN)/snakemake --cores $(CORES) --report results/report.html $(SNAKEMAKE_ARGS)

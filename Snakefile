@@ -10,10 +10,14 @@ min_version("9.0")
 configfile: "config/config.yaml"
 
 
-report: "workflow/report/workflow.rst"
-
-
 include: "workflow/rules/common.smk"
+
+
+# The report opens with this run's headline (Table 1, key numbers, the configuration in words) once the
+# `headline` rule has written it, before that with the workflow's description.
+report: report_front_page()
+
+
 include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/sis.smk"

@@ -109,9 +109,10 @@ def cifar_imagefolder(cifar_npz, tmp_path_factory) -> Path:
 
 
 def snakemake(workdir: Path, *args: str, configfiles: tuple[Path, ...] = (), check: bool = True,
-              timeout: float = 1800) -> subprocess.CompletedProcess:
-    """Run the project's workflow with ``workdir`` as working directory; returns the finished process."""
-    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+              timeout: float = 1800, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the project's workflow with ``workdir`` as working directory (``env``: extra environment
+    variables); returns the finished process."""
+    env = dict(os.environ, **(env or {}), PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
     command = [str(BIN / "snakemake"), "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir)]
     if configfiles:
         command += ["--configfile", *map(str, configfiles)]
@@ -161,3 +162,28 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# A headless Chromium driven through chromedriver: the human-evaluation page and the report are opened in
+# it as a reader would.
+@pytest.fixture(scope="session")
+def browser(tmp_path_factory):
+    require_program("chromium")
+    driver_path = require_program("chromedriver")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    downloads = tmp_path_factory.mktemp("downloads")
+    options = webdriver.ChromeOptions()
+    options.binary_location = require_program("chromium")
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1000,900", f"--user-data-dir={tmp_path_factory.mktemp('profile')}"):
+        options.add_argument(flag)
+    options.add_experimental_option("prefs", {"download.default_directory": str(downloads),
+                                              "download.prompt_for_download": False})
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    driver.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
+    driver.downloads = downloads
+    yield driver
+    driver.quit()

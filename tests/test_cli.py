@@ -1,6 +1,7 @@
 """The command line as a new user meets it: --version, help grouped by stage, global options anywhere."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -88,3 +89,24 @@ def test_every_option_has_help_and_shows_its_default():
                 flag = action.option_strings[0]
                 after = text[text.rindex(flag):]
                 assert "default" in after[:400], f"overinterp {' '.join(path)} --help does not show {flag}'s default"
+
+
+def test_watch_shows_the_jobs_progress_from_their_logs_and_returns_the_exit_status(tmp_path):
+    """`overinterp watch -- COMMAND` (what `make run` runs): the progress bar a job writes into its log is
+    printed on the console while it runs; COMMAND's exit status is passed on."""
+    logs = tmp_path / "logs"
+    (logs / "sis").mkdir(parents=True)
+    job = ("import sys, time\nfrom tqdm import tqdm\n"
+           "with open(sys.argv[1], 'w') as log:\n"
+           "    for _ in tqdm(range(30), desc='BackSelect', file=log, mininterval=0):\n"
+           "        time.sleep(0.1); log.flush()\n"
+           "sys.exit(3)\n")
+    done = subprocess.run([sys.executable, "-m", "overinterp", "watch", "--logs", str(logs), "--every", "0.5", "--",
+                           sys.executable, "-c", job, str(logs / "sis" / "shard-0.log")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3
+    lines = [line for line in done.stdout.splitlines() if "sis/shard-0: BackSelect" in line]
+    assert lines, done.stdout
+    assert re.search(r"BackSelect \d+% \(\d+/30\), [\d:]+ so far, [\d:]+ left", lines[0])
+    missing = subprocess.run([sys.executable, "-m", "overinterp", "watch"], capture_output=True, text=True)
+    assert missing.returncode == 2 and "give the command to run after --" in missing.stderr

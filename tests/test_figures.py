@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 import numpy as np
 import pandas as pd
@@ -311,3 +312,53 @@ def test_smoke_report_contains_every_figure_and_table(smoke_run):
     # Captions are rendered with the configuration's values (smoke: tau 0.1, gradient method, 100 test images).
     assert re.search(r"tau = 0\.1\b", report)
     assert "gradient backward selection" in report and "100 test images" in report
+
+
+@pytest.mark.slow
+def test_the_report_opens_with_the_headline_in_a_browser(smoke_run, browser):
+    """The report's front page, as Chromium shows it, is this run's Table 1 and key numbers; screenshots of
+    it and of two figures are kept beside the report."""
+    from PIL import Image
+
+    configs = (REPO / "config/smoke.yaml", smoke_run / "source.yaml")
+    snakemake(smoke_run, "--report", "results/report.html", configfiles=configs)
+    table1 = pd.read_csv(smoke_run / "results/tables/table1.csv")
+    full = table1[table1["condition"] == "full images"].iloc[0]
+    bs = table1[table1["condition"] == "backward selection (trained and tested)"].iloc[0]
+    shots = smoke_run / "results/screenshots"
+    shots.mkdir(exist_ok=True)
+    browser.set_window_size(1400, 1000)
+    browser.get((smoke_run / "results/report.html").as_uri())
+    text = ""
+    for _ in range(100):  # the report is a script-built page: wait until the front page is there
+        text = browser.execute_script("return document.body.innerText")
+        if "Key numbers" in text:
+            break
+        time.sleep(0.1)
+    browser.save_screenshot(str(shots / "report-front.png"))
+    assert "this run's results" in text and "Key numbers" in text and "Table 1: 5% of the pixels kept" in text
+    assert f"{100 * full.accuracy_mean:.1f}% ± {100 * full.accuracy_std:.1f} test accuracy on full images" in text
+    assert f"backward selection: {100 * bs.accuracy_mean:.1f}% ± {100 * bs.accuracy_std:.1f}" in text
+    assert "tiny trained for 2 epochs on 200 CIFAR-10 training images" in text
+    assert "SIS sizes of tiny-s0 at τ = 0.1" in text and "tiny-dropout-s0" not in text.split("Table 1")[0]
+    assert "{'" not in text  # no configuration dict on the front page
+    for name in ("table1", "sis_sizes"):
+        browser.get((smoke_run / f"results/figures/{name}.png").as_uri())
+        browser.save_screenshot(str(shots / f"{name}.png"))
+    for shot in shots.glob("*.png"):
+        pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
+        assert pixels.shape == (1000, 1400) or pixels.shape[1] >= 1000, shot
+        assert pixels.std() > 10, f"{shot} is blank"
+
+
+def test_readable_tables_name_columns_in_words_and_show_shares_in_percent():
+    from overinterp.analysis import readable_table
+
+    mitigation = pd.DataFrame({"model": ["m-s0"], "own_bs_accuracy": [0.1234], "images_at_tau": [1200],
+                               "p_value": [0.00001], "tau": [0.99], "something_new": [0.123456]})
+    table = readable_table(mitigation)
+    assert list(table.columns) == ["model", "accuracy on its BS subsets (%)", "images with f ≥ τ", "p (two-sided)",
+                                   "τ", "something new"]
+    assert table.iloc[0].tolist() == ["m-s0", "12.3", "1,200", "< 0.0001", "0.99", "0.123"]
+    page = figures.table_html(mitigation, "Mitigation")
+    assert "own_bs_accuracy" not in page and "accuracy on its BS subsets (%)" in page and "12.3" in page

@@ -19,7 +19,6 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import require_program
 from overinterp.cli import main
 from overinterp.data import CIFAR10_MEAN, load_split
 from overinterp.humaneval import CONDITIONS, ResponseError, neutralize_formulas, read_key, score, wilson_interval
@@ -349,29 +348,6 @@ def test_build_refuses_a_key_inside_the_bundle_and_too_few_images(cifar_npz, mas
 
 
 # ----------------------------------------------------------------------------------------- the browser
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory):
-    require_program("chromium")
-    driver_path = require_program("chromedriver")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    downloads = tmp_path_factory.mktemp("downloads")
-    options = webdriver.ChromeOptions()
-    options.binary_location = require_program("chromium")
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=1000,900", f"--user-data-dir={tmp_path_factory.mktemp('profile')}"):
-        options.add_argument(flag)
-    options.add_experimental_option("prefs", {"download.default_directory": str(downloads),
-                                              "download.prompt_for_download": False})
-    driver = webdriver.Chrome(service=Service(driver_path), options=options)
-    driver.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
-    driver.downloads = downloads
-    yield driver
-    driver.quit()
-
-
 def scripted_answer(participant: str, trial: int, row: pd.Series) -> int:
     """The known pattern: 'careful' answers every attention check right, backward-selection pictures right
     on every third trial and random ones on every fourth; 'careless' always answers the next class."""

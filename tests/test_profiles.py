@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import yaml
 
@@ -34,6 +35,20 @@ def test_slurm_profile_sizes_every_gpu_rule_and_names_only_real_rules(tmp_path):
     assert {"train", "retrain", "sis_shard"} <= gpu
     missing = {rule for rule in gpu if "runtime" not in sized.get(rule, {})}
     assert not missing, f"GPU rules without a runtime in profiles/slurm/config.yaml: {sorted(missing)}"
+    # The login node may have no GPU: the profile itself asks for one for every GPU rule.
+    unasked = {rule for rule in gpu if sized[rule].get("gpu") != 1}
+    assert not unasked, f"GPU rules without `gpu: 1` in profiles/slurm/config.yaml: {sorted(unasked)}"
+
+
+def test_gpu_rules_claim_a_gpu_only_where_there_is_one(tmp_path):
+    """A dry run prints each job's resources: without a visible GPU, no job says gpu=1; with the GPUs
+    hidden by CUDA_VISIBLE_DEVICES neither."""
+    config = (REPO / "config/smoke.yaml",)
+    for env in ({}, {"CUDA_VISIBLE_DEVICES": ""}):
+        out = snakemake(tmp_path, "-n", "--forceall", configfiles=config, env=env).stdout
+        assert "rule train:" in out and "rule sis_shard:" in out
+        has_gpu = any(Path("/dev").glob("nvidia[0-9]*")) and not env
+        assert ("gpu=1" in out) == has_gpu
 
 
 def test_gpu_claims_are_exclusive_between_processes(tmp_path):

@@ -5,6 +5,7 @@ was evaluated), so the tables are a group-by over whatever summaries the workflo
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +86,113 @@ def markdown_table(table: pd.DataFrame) -> pd.DataFrame:
         "… on its errors (%)": table["agreement_on_its_errors"].map(pct),
     })
     return out
+
+
+# Columns of the other tables as people read them: header, and "%" (a share, shown in percent), "int", "p"
+# (a p-value) or "g" (a number, 3 significant digits). CSV files keep the machine names and raw values.
+READABLE_COLUMNS = {
+    "test_accuracy": ("test accuracy (%)", "%"),
+    "tau": ("τ", "g"),
+    "images_at_tau": ("images with f ≥ τ", "int"),
+    "sis_fraction_median": ("SIS size, median (% of image)", "%"),
+    "sis_fraction_mean": ("SIS size, mean (% of image)", "%"),
+    "own_bs_fraction": ("its BS subsets keep (% of pixels)", "%"),
+    "own_bs_accuracy": ("accuracy on its BS subsets (%)", "%"),
+    "own_bs_confidence": ("confidence on its BS subsets (%)", "%"),
+    "retrained_bs_accuracy": ("retrained on BS subsets: accuracy (%)", "%"),
+    "correct_n": ("correct: images", "int"),
+    "correct_median": ("correct: median SIS (% of image)", "%"),
+    "correct_mean": ("correct: mean SIS (% of image)", "%"),
+    "incorrect_n": ("misclassified: images", "int"),
+    "incorrect_median": ("misclassified: median SIS (% of image)", "%"),
+    "incorrect_mean": ("misclassified: mean SIS (% of image)", "%"),
+    "mannwhitney_u": ("Mann-Whitney U", "g"),
+    "p_value": ("p (two-sided)", "p"),
+    "images": ("images", "int"),
+    "kept_pixels": ("kept pixels", "int"),
+    "overlap_mean": ("kept pixels shared, mean (%)", "%"),
+    "overlap_sd": ("… sd (%)", "%"),
+    "overlap_median": ("… median (%)", "%"),
+    "overlap_chance": ("… by chance (%)", "%"),
+    "spearman_mean": ("rank correlation of orderings, mean", "g"),
+    "spearman_median": ("… median", "g"),
+    "exact_kept_confidence_mean": ("confidence on exact subsets (%)", "%"),
+    "gradient_kept_confidence_mean": ("confidence on gradient subsets (%)", "%"),
+    "same_target": ("same class followed (%)", "%"),
+}
+
+
+def readable_table(table: pd.DataFrame) -> pd.DataFrame:
+    """Any of the workflow's tables with readable headers and one unit convention: shares in percent."""
+    if {"condition", "accuracy_mean", "accuracy_std"} <= set(table.columns):
+        return markdown_table(table)
+
+    def show(value, kind):
+        if pd.isna(value):
+            return ""
+        return {"%": lambda v: f"{100 * v:.1f}", "int": lambda v: f"{int(v):,}",
+                "p": lambda v: f"{v:.2g}" if v >= 1e-4 else "< 0.0001", "g": lambda v: f"{v:.3g}"}[kind](value)
+
+    out = {}
+    for column in table.columns:
+        header, kind = READABLE_COLUMNS.get(column, (column.replace("_", " "), None))
+        values = table[column]
+        if kind is None and pd.api.types.is_float_dtype(values):
+            kind = "g"
+        out[header] = values.map(lambda v, k=kind: show(v, k)) if kind else values
+    return pd.DataFrame(out)
+
+
+def headline(table1: pd.DataFrame, sis_sizes: pd.DataFrame | None, settings: dict) -> str:
+    """The report's front page (reStructuredText): this run's configuration in words, its key numbers and
+    Table 1."""
+    pct = lambda v: "n/a" if pd.isna(v) else f"{100 * v:.1f}%"  # noqa: E731
+    fraction = settings["fraction"]
+    method = {"exact": "exact backward selection", "gradient": "batched gradient backward selection "
+              f"({settings['pixels_per_step']} pixels per step)"}[settings["method"]]
+    lines = ["Overinterpretation on CIFAR-10: this run's results", "=" * 52, "",
+             f"**Configuration.** {', '.join(settings['architectures'])} trained for {settings['epochs']} epochs on "
+             f"{settings['train_size']:,} CIFAR-10 training images (seeds {', '.join(map(str, settings['seeds']))}) "
+             f"and tested on {settings['test_size']:,} test images. Pixel subsets by {method}; SIS threshold "
+             f"τ = {settings['tau']:g} on the predicted class's probability. Table 1 keeps "
+             f"{100 * fraction:g}% of the pixels; fresh models were trained and tested on the subsets with seeds "
+             f"{', '.join(map(str, settings['retrain_seeds']))}. Masked pixels take the dataset-mean colour.", "",
+             "Key numbers", "-----------", ""]
+    chance = 1 / 10
+    for arch, rows in table1.groupby("architecture", sort=False):
+        acc = dict(zip(rows["condition"], zip(rows["accuracy_mean"], rows["accuracy_std"])))
+
+        def cell(condition):
+            mean, std = acc.get(condition, (np.nan, np.nan))
+            return pct(mean) + ("" if pd.isna(std) else f" ± {100 * std:.1f}")
+
+        lines.append(
+            f"- **{arch}**: {cell('full images')} test accuracy on full images; trained and tested on "
+            f"{100 * fraction:g}% of the pixels chosen by backward selection: "
+            f"**{cell('backward selection (trained and tested)')}**, on as many random pixels: "
+            f"{cell('random (trained and tested)')} (chance {pct(chance)}).")
+        controls = [f"{name}: {cell(condition)}" for name, condition in (
+            ("the mask positions alone", "mask positions only (trained and tested)"),
+            ("the original model on its own subsets", "backward selection (original model)"),
+            ("the original model on random subsets", "random (original model)")) if condition in acc]
+        if controls:
+            lines.append(f"  Controls: {'; '.join(controls)}.")
+    if sis_sizes is not None:
+        selecting = settings.get("sis_models")
+        for row in sis_sizes[sis_sizes["model"].isin(selecting)].itertuples() if selecting else sis_sizes.itertuples():
+            test = "" if pd.isna(row.p_value) else f", Mann-Whitney p = {row.p_value:.2g}"
+            lines.append(
+                f"- **SIS sizes of {row.model}** at τ = {row.tau:g} ({row.images_at_tau:,} test images reach τ): "
+                f"median {pct(row.correct_median)} of the image for correctly classified images, "
+                f"{pct(row.incorrect_median)} for misclassified ones{test}.")
+    lines += ["", f"Table 1: {100 * fraction:g}% of the pixels kept", "-" * 40, "", ".. list-table::",
+              "   :header-rows: 1", ""]
+    readable = markdown_table(table1)
+    for row in [list(readable.columns)] + readable.astype(str).values.tolist():
+        lines.append("   * - " + "\n     - ".join(v or " " for v in row))
+    lines += ["", "Every figure and table of the run is under the categories on the left; the workflow's "
+              "steps and their run times under Workflow_ and Statistics_.", ""]
+    return "\n".join(lines)
 
 
 def latex_table(table: pd.DataFrame) -> str:
@@ -183,6 +291,15 @@ def add_commands(subparsers) -> None:
     m.add_argument("--sis-sizes", nargs="+", required=True, help="per-image SIS sizes, <model>.csv each")
     m.add_argument("--summaries", nargs="+", required=True, help="evaluation summaries (.json)")
     m.set_defaults(handler=run_mitigation)
+    h = sub.add_parser("headline", help="the report's front page: configuration in words, key numbers, Table 1")
+    h.add_argument("--table1", required=True, help="table1.csv")
+    h.add_argument("--sis-sizes", default=None, help="the SIS size summary (.csv)")
+    h.add_argument("--settings", required=True,
+                   help="JSON object of the run's settings: architectures, seeds, epochs, train_size, test_size, "
+                        "method, pixels_per_step, tau, fraction, retrain_seeds, and sis_models (the models whose "
+                        "SIS sizes are quoted; default: every model of the summary)")
+    h.add_argument("--out", required=True, help="the page (.rst)")
+    h.set_defaults(handler=run_headline)
 
 
 def run_comparison(args) -> int:
@@ -205,7 +322,7 @@ def run_sis_sizes(args) -> int:
         save_dataframe(Path(args.per_image_dir) / f"{model}.csv", frames[model])
     summary = sis_size_summary(frames, args.tau)
     save_dataframe(f"{args.summary}.csv", summary)
-    save_dataframe(f"{args.summary}.md", summary.round(4))
+    save_dataframe(f"{args.summary}.md", readable_table(summary))
     return 0
 
 
@@ -213,5 +330,13 @@ def run_mitigation(args) -> int:
     sizes = {Path(p).stem: pd.read_csv(p) for p in args.sis_sizes}
     table = mitigation_table(read_summaries(args.summaries), sizes, args.tau)
     save_dataframe(f"{args.out}.csv", table)
-    save_dataframe(f"{args.out}.md", table.round(4))
+    save_dataframe(f"{args.out}.md", readable_table(table))
+    return 0
+
+
+def run_headline(args) -> int:
+    sizes = pd.read_csv(args.sis_sizes) if args.sis_sizes else None
+    page = headline(pd.read_csv(args.table1), sizes, json.loads(args.settings))
+    with atomic_path(args.out) as tmp:
+        Path(tmp).write_text(page, encoding="utf-8")
     return 0

@@ -19,7 +19,7 @@ COMMANDS = {
     "download": "data_commands", "convert": "data_commands", "ensemble": "models", "train": "train",
     "evaluate": "evaluate", "sis": "sis_commands", "sis-merge": "sis_commands", "sis-agreement": "sis_commands",
     "sis-agreement-table": "sis_commands", "subsets": "subsets", "tables": "analysis", "figures": "figures",
-    "humaneval": "humaneval", "publish": "artifacts", "pull": "artifacts", "audit": "audit",
+    "humaneval": "humaneval", "publish": "artifacts", "pull": "artifacts", "audit": "audit", "watch": "progress",
     **{f"imagenet-{name}": "imagenet_commands" for name in (
         "index", "model", "train", "evaluate", "sis", "subsets", "random-subsets", "sis-sizes", "report")},
 }
@@ -35,6 +35,7 @@ STAGES = {
     "ImageNet": [name for name in COMMANDS if name.startswith("imagenet-")],
     "audit your own model": ["audit"],
     "sharing results (DVC)": ["publish", "pull"],
+    "running the workflow": ["watch"],
 }
 DESCRIPTION = ("Find overinterpretation in image classifiers (Carter et al., NeurIPS 2021): the workflow's steps, "
                "and audits of your own model.")

@@ -21,7 +21,7 @@ import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-from .analysis import CONDITIONS, markdown_table  # noqa: E402
+from .analysis import CONDITIONS, readable_table  # noqa: E402
 from .sis import BackSelectResult, sis_mask  # noqa: E402
 from .data import add_normalization_arguments  # noqa: E402
 from .utils import add_device_argument, atomic_path  # noqa: E402
@@ -73,7 +73,8 @@ def _empty_note(ax, text: str) -> None:
 
 
 def _percent_axis(ax, axis: str = "y") -> None:
-    formatter = matplotlib.ticker.PercentFormatter(1.0, decimals=0)
+    # decimals=None: as many as the axis range needs (a range of 0-0.1% must not read 0% at every tick)
+    formatter = matplotlib.ticker.PercentFormatter(1.0, decimals=None)
     (ax.yaxis if axis == "y" else ax.xaxis).set_major_formatter(formatter)
 
 
@@ -82,22 +83,32 @@ def _percent_axis(ax, axis: str = "y") -> None:
 
 
 def training_curves(entries: list[tuple[str, pd.DataFrame]], prefix, title: str | None = None) -> Figure:
-    """Loss and accuracy per epoch; ``entries`` are (group, metrics) pairs, and the replicates of one group
-    share a colour and one legend entry. Train accuracy dashed, test accuracy solid."""
+    """Loss and accuracy per epoch; ``entries`` are (group, metrics) pairs. A group (an architecture or a
+    subset) has one colour; its replicates (seeds), in the order given, one marker each. Test accuracy solid,
+    train accuracy dashed."""
     groups = list(dict.fromkeys(group for group, _ in entries))
+    markers = "osD^v<>"
+    replicate: dict[str, int] = {}
     with plt.rc_context(STYLE):
         fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(WIDTH, 2.6), layout="constrained")
         for group, metrics in entries:
             color = CYCLE[groups.index(group) % len(CYCLE)]
-            loss_ax.plot(metrics["epoch"], metrics["train_loss"], color=color, lw=1.2, alpha=0.9)
-            acc_ax.plot(metrics["epoch"], metrics["train_accuracy"], color=color, lw=1.0, ls="--", alpha=0.8)
-            acc_ax.plot(metrics["epoch"], metrics["test_accuracy"], color=color, lw=1.4)
+            k = replicate[group] = replicate.get(group, -1) + 1
+            marker = markers[k % len(markers)]
+            style = {"color": color, "marker": marker, "markersize": 3,
+                     "markevery": max(1, len(metrics) // 8), "markerfacecolor": "white"}
+            loss_ax.plot(metrics["epoch"], metrics["train_loss"], lw=1.2, alpha=0.9, **style)
+            acc_ax.plot(metrics["epoch"], metrics["train_accuracy"], lw=1.0, ls="--", alpha=0.8, **style)
+            acc_ax.plot(metrics["epoch"], metrics["test_accuracy"], lw=1.4, **style)
         loss_ax.set(xlabel="epoch", ylabel="training loss", title="(a) training loss")
         acc_ax.set(xlabel="epoch", ylabel="accuracy", title="(b) accuracy", ylim=(0, 1))
         _percent_axis(acc_ax)
         for ax in (loss_ax, acc_ax):
             ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         handles = [plt.Line2D([], [], color=CYCLE[i % len(CYCLE)], lw=1.4, label=g) for i, g in enumerate(groups)]
+        handles += [plt.Line2D([], [], color="#555555", lw=0, marker=markers[k], markersize=3,
+                               markerfacecolor="white", label=f"replicate {k + 1}")
+                    for k in range(min(max(replicate.values(), default=0) + 1, len(markers)))]
         handles += [plt.Line2D([], [], color="#555555", lw=1.4, label="test"),
                     plt.Line2D([], [], color="#555555", lw=1.0, ls="--", label="train")]
         fig.legend(handles=handles, loc="outside right center", frameon=False)
@@ -275,17 +286,22 @@ def sis_size_figure(frames: dict[str, pd.DataFrame], summary: pd.DataFrame, pref
                 continue
             sizes = frame["sis_fraction"].to_numpy(dtype=float)
             top = max(float(sizes.max()), 1e-3)
-            bins = np.linspace(0, top * 1.02, 31)
-            groups = (("correct", frame["correct"].to_numpy(bool), OKABE_ITO["blue"]),
-                      ("incorrect", ~frame["correct"].to_numpy(bool), OKABE_ITO["vermillion"]))
-            for label, rows, color in groups:
+            bins = np.linspace(0, top * 1.02, 21)
+            width = bins[1] - bins[0]
+            groups = (("correct", frame["correct"].to_numpy(bool), OKABE_ITO["blue"], -1),
+                      ("incorrect", ~frame["correct"].to_numpy(bool), OKABE_ITO["vermillion"], 1))
+            for label, rows, color, side in groups:
                 if rows.any():
-                    weights = np.full(rows.sum(), 1.0 / rows.sum())  # each group sums to 1: comparable shapes
-                    ax.hist(sizes[rows], bins=bins, weights=weights, histtype="stepfilled", alpha=0.35, color=color)
+                    # Each group sums to 1 (comparable shapes); the two groups' bars stand side by side in a bin.
+                    share = np.histogram(sizes[rows], bins=bins)[0] / rows.sum()
                     median = np.median(sizes[rows])
-                    ax.hist(sizes[rows], bins=bins, weights=weights, histtype="step", lw=1.3, color=color,
-                            label=f"{label}: n = {rows.sum()}, median {100 * median:.1f}%")
+                    ax.bar(bins[:-1] + width * (0.5 + side / 4), share, width / 2, color=color, alpha=0.8,
+                           label=f"{label}: n = {rows.sum()}, median {100 * median:.1f}%")
                     ax.axvline(median, color=color, lw=1.1, ls="--")
+            if not sizes.any():
+                ax.text(0.5, 0.55, "every SIS is empty: the fully\nmasked image already reaches τ", ha="center",
+                        va="center", transform=ax.transAxes, fontsize=6.5, color="#555555")
+            ax.set_xlim(0, bins[-1])
             ax.set(xlabel="SIS size (fraction of the image)", ylabel="fraction of images", title=model)
             _percent_axis(ax, "x")
             row = stats_by_model.loc[model] if model in stats_by_model.index else None
@@ -321,7 +337,11 @@ def mitigation_figure(frames: dict[str, pd.DataFrame], table: pd.DataFrame, pref
                 patch.set_alpha(0.7)
             ax_sizes.set_yticks(positions, [f"{m} (n = {len(d)})" for m, d in zip(models, data)])
             ax_sizes.set_xlabel(f"SIS size at τ = {tau:g} (fraction of the image)")
+            ax_sizes.set_xlim(0, max(1e-3, 1.05 * max((float(d.max()) for d in data if len(d)), default=0)))
             _percent_axis(ax_sizes, "x")
+            if not any(d.any() for d in data):
+                ax_sizes.text(0.5, 0.5, "every SIS is empty: the fully\nmasked image already reaches τ",
+                              ha="center", va="center", transform=ax_sizes.transAxes, fontsize=6.5, color="#555555")
         else:
             _empty_note(ax_sizes, f"no test image reaches\nfull-image confidence τ = {tau:g}")
         ax_sizes.set_title("(a) SIS size: larger = less overinterpretation")
@@ -330,7 +350,7 @@ def mitigation_figure(frames: dict[str, pd.DataFrame], table: pd.DataFrame, pref
         ax_own.barh(positions + height / 2, own["own_bs_accuracy"], height, color=OKABE_ITO["sky"],
                     label="accuracy")
         ax_own.barh(positions - height / 2, own["own_bs_confidence"], height, color=OKABE_ITO["vermillion"],
-                    hatch="///", label="mean confidence")
+                    label="mean confidence")
         ax_own.set_yticks(positions, models)
         ax_own.set_xlim(0, 1)
         _percent_axis(ax_own, "x")
@@ -407,6 +427,10 @@ def sis_examples(images: np.ndarray, labels: np.ndarray, result: BackSelectResul
                                  fontsize=6.5, color=OKABE_ITO["vermillion"] if wrong else "black")
                 ax_sis.set_title(f"f = {sis_confidence[i]:.3f}", fontsize=6.5)
                 ax_mask.set_title(f"{int(masks[i].sum())} px ({100 * masks[i].mean():.1f}%)", fontsize=6.5)
+                if not masks[i].any():
+                    ax_sis.text(0.5, 0.5, "empty SIS:\nthe masked image\nalready reaches τ", ha="center",
+                                va="center", transform=ax_sis.transAxes, fontsize=5.5, color="white",
+                                bbox={"fc": "#555555", "ec": "none", "alpha": 0.8, "pad": 1.5})
         fig.suptitle(f"{title}\nper example: the image (prediction and its probability f; ✗ = wrong), "
                      "its SIS (f on the SIS alone), the SIS mask", fontsize=8)
         fig.get_layout_engine().set(h_pad=0.02, hspace=0.12)
@@ -494,22 +518,20 @@ def audit_examples(audit, masks, sis_confidence: np.ndarray, settings, prefix) -
 
 TABLE_CSS = """
 body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; font-size: 13px; margin: 0.5em; }
-table { border-collapse: collapse; }
+table { border-collapse: collapse; max-width: 100%; }
 th, td { padding: 3px 9px; text-align: right; border-bottom: 1px solid #ddd; }
-th { border-bottom: 2px solid #333; background: #f6f6f6; }
+th { border-bottom: 2px solid #333; background: #f6f6f6; white-space: normal; max-width: 11em;
+     vertical-align: bottom; }
+td { white-space: nowrap; }
 td:first-child, th:first-child, td.text { text-align: left; }
 caption { text-align: left; font-weight: bold; padding-bottom: 6px; }
 """
 
 
 def table_html(frame: pd.DataFrame, title: str) -> str:
-    """A standalone HTML page of ``frame``: comparison tables in the Markdown tables' human-readable form
-    (percent, mean ± std), other tables with numbers rounded to 4 significant digits."""
-    if {"condition", "accuracy_mean", "accuracy_std"} <= set(frame.columns):
-        frame = markdown_table(frame)
-    else:
-        frame = frame.map(lambda v: f"{v:.4g}" if isinstance(v, float) else v)
-    body = frame.to_html(index=False, na_rep="", border=0, escape=True)
+    """A standalone HTML page of ``frame`` in its readable form (headers in words, shares in percent), with
+    headers that wrap so that the table fits a narrow window."""
+    body = readable_table(frame).to_html(index=False, na_rep="", border=0, escape=True)
     return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
             f"<style>{TABLE_CSS}</style></head><body><h3>{html.escape(title)}</h3>\n{body}\n</body></html>\n")
 

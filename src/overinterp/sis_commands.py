@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .analysis import readable_table
 from .incremental import EVALUATORS
 from .sis import BackSelect, BackSelectResult, GradientBackSelect, keep_last, kept_count
 from .data import add_normalization_arguments
@@ -302,5 +303,5 @@ def run_agreement_table(args: argparse.Namespace) -> int:
         tables[name] = pd.read_csv(path)
     summary = summarize_agreement(tables)
     save_dataframe(args.csv, summary)
-    save_dataframe(args.markdown, summary.round(4))
+    save_dataframe(args.markdown, readable_table(summary))
     return 0

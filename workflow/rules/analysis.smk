@@ -1,4 +1,5 @@
-# Tables: Table 1 with its controls, the kept-fraction sweep, SIS sizes of correct vs incorrect images.
+# Tables: Table 1 with its controls, the kept-fraction sweep, SIS sizes of correct vs incorrect images; the
+# report's front page from them.
 
 
 rule comparison_tables:
@@ -44,3 +45,20 @@ rule sis_size_tables:
     shell:
         "python -m overinterp tables sis-sizes --tau {params.tau} {params.entries} "
         "--per-image-dir results/tables/sis_sizes --summary results/tables/sis_sizes 2> {log}"
+
+
+rule headline:
+    input:
+        table1="results/tables/table1.csv",
+        sis_sizes="results/tables/sis_sizes.csv",
+    output:
+        HEADLINE,
+    log:
+        "logs/tables/headline.log",
+    conda:
+        "../../envs/overinterp.yaml"
+    params:
+        settings=headline_settings(),
+    shell:
+        "python -m overinterp tables headline --table1 {input.table1} --sis-sizes {input.sis_sizes} "
+        "--settings {params.settings} --out {output} 2> {log}"

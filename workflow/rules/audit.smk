@@ -19,7 +19,7 @@ rule audit_orderings:
     conda:
         "../../envs/overinterp.yaml"
     resources:
-        gpu=1,
+        gpu=GPU_JOB,
     params:
         options=lambda w: audit_args(w.audit),
         shards=lambda w: AUDITS[w.audit]["shards"],
@@ -60,7 +60,7 @@ rule audit_report:
     conda:
         "../../envs/overinterp.yaml"
     resources:
-        gpu=1,
+        gpu=GPU_JOB,
     params:
         options=lambda w: audit_args(w.audit),
         out=lambda w, output: Path(output.summary).parent,

@@ -1,6 +1,7 @@
 # Helpers shared by the rules: the configuration (coerced, validated, cross-checked), model names,
 # command-line fragments, the list of final outputs.
 import json
+import os
 import re
 import shlex
 from decimal import Decimal
@@ -301,6 +302,17 @@ DATASET = "data/cifar10/cifar10.npz"
 HEAVY_THREADS = 8
 
 
+def gpus_visible():
+    """Whether this machine shows an NVIDIA GPU to its jobs (a device node, not hidden by CUDA_VISIBLE_DEVICES)."""
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1")
+    return not hidden and any(Path("/dev").glob("nvidia[0-9]*"))
+
+
+# GPU rules ask for `gpu=1` where there is a GPU; on a machine without one they run on the CPU and do not
+# claim (or print) a GPU. The Slurm profile sets `gpu: 1` for them itself: its login node may have none.
+GPU_JOB = 1 if gpus_visible() else 0
+
+
 # Report categories (`snakemake --report`), one per stage in pipeline order; a stage's figures and tables use
 # report(..., caption="../report/<name>.rst", category=REPORT_CATEGORY[stage]).
 REPORT_CATEGORY = {
@@ -314,9 +326,40 @@ REPORT_CATEGORY = {
 }
 
 
+# The report's front page, once the run has written it (see the Snakefile's `report:`).
+HEADLINE = "results/report-front.rst"
+
+
+def report_front_page():
+    """This run's headline when it exists (absolute: the report reads it from the working directory), else
+    the workflow's description."""
+    if config["cifar10"]["enabled"] and Path(HEADLINE).exists():
+        return str(Path(HEADLINE).resolve())
+    return "workflow/report/workflow.rst"
+
+
+def headline_settings():
+    """What the front page says of the configuration, as JSON for `overinterp tables headline`."""
+    settings = {
+        "architectures": ARCHITECTURES,
+        "seeds": SEEDS,
+        "epochs": config["train"]["epochs"],
+        "train_size": config["dataset"]["train_size"] or 50000,
+        "test_size": config["dataset"]["test_size"] or 10000,
+        "method": SIS_METHOD,
+        "pixels_per_step": config["sis"]["pixels_per_step"],
+        "tau": config["sis"]["tau"],
+        "fraction": float(FRACTIONS[0]),
+        "retrain_seeds": RETRAIN_SEEDS,
+        "sis_models": [f"{arch}-s{sis_seed()}" for arch in ARCHITECTURES],
+    }
+    return shlex.quote(json.dumps(settings))
+
+
 def all_outputs():
     outputs = [f"results/eval/{model}/full.json" for model in MODELS]
     outputs += [
+        HEADLINE,
         "results/tables/table1.md",
         "results/tables/fraction_sweep.md",
         "results/tables/sis_sizes.md",

@@ -61,7 +61,7 @@ rule imagenet_train:
         "../../envs/overinterp.yaml"
     threads: max(1, IMAGENET["workers"])
     resources:
-        gpu=1,
+        gpu=GPU_JOB,
     params:
         recipe=shlex.quote(json.dumps(IMAGENET["train"], sort_keys=True)),
         root=IN_ROOT,
@@ -89,7 +89,7 @@ rule imagenet_sis:
         "../../envs/overinterp.yaml"
     threads: max(1, IMAGENET["workers"])
     resources:
-        gpu=1,
+        gpu=GPU_JOB,
     params:
         data=lambda w: in_data_args(w.in_split),
         shards=lambda w: IMAGENET["sis"]["shards"][w.in_split],
@@ -156,7 +156,7 @@ rule imagenet_retrain:
         "../../envs/overinterp.yaml"
     threads: max(1, IMAGENET["workers"])
     resources:
-        gpu=1,
+        gpu=GPU_JOB,
     params:
         recipe=shlex.quote(json.dumps(IMAGENET["train"], sort_keys=True)),
         root=IN_ROOT,
@@ -186,7 +186,7 @@ rule imagenet_evaluate:
         "../../envs/overinterp.yaml"
     threads: max(1, IMAGENET["workers"])
     resources:
-        gpu=1,
+        gpu=GPU_JOB,
     params:
         data=in_data_args("val"),
         keep=lambda w, input: (

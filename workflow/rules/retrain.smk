@@ -16,7 +16,7 @@ rule retrain:
         "../../envs/overinterp.yaml"
     threads: HEAVY_THREADS
     resources:
-        gpu=1,
+        gpu=GPU_JOB,
     params:
         arch=lambda w: arch_of(w.model),
         recipe=recipe_json(),  # a fresh model with the plain recipe, whatever selected the pixels

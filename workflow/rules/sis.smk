@@ -18,7 +18,7 @@ rule sis_shard:
         "../../envs/overinterp.yaml"
     threads: HEAVY_THREADS
     resources:
-        gpu=1,
+        gpu=GPU_JOB,
     params:
         size=lambda w: split_size_arg(w.split),
         shards=SIS_SHARDS,
@@ -59,7 +59,7 @@ rule sis_compare:
         "../../envs/overinterp.yaml"
     threads: HEAVY_THREADS
     resources:
-        gpu=1,
+        gpu=GPU_JOB,
     params:
         size=split_size_arg("test"),
         limit=COMPARE_SAMPLE,

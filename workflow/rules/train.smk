@@ -17,7 +17,7 @@ rule train:
         "../../envs/overinterp.yaml"
     threads: HEAVY_THREADS
     resources:
-        gpu=1,
+        gpu=GPU_JOB,
     params:
         arch=lambda w: arch_of(w.model),
         seed=lambda w: seed_of(w.model),
