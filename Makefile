@@ -16,9 +16,18 @@ export PATH := $(abspath $(BIN)):$(PATH)
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
 
+# TORCH=cpu installs PyTorch's CPU build from its own index first (about 1 GB instead of about 6 GB of CUDA
+# wheels) for machines without an NVIDIA GPU that can reach TORCH_CPU_INDEX. Not the default: that index is
+# a second host that firewalled or mirrored machines often cannot reach, where PyPI's build installs anyway.
+TORCH           ?= default
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+
 # Reinstall when the project's dependencies change.
 $(VENV)/.installed: pyproject.toml | $(BIN)/activate
 	$(BIN)/python -m pip install --quiet --upgrade pip
+ifeq ($(TORCH),cpu)
+	$(BIN)/python -m pip install --quiet --index-url $(TORCH_CPU_INDEX) torch torchvision
+endif
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $@
 

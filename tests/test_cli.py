@@ -110,3 +110,18 @@ def test_watch_shows_the_jobs_progress_from_their_logs_and_returns_the_exit_stat
     assert re.search(r"BackSelect \d+% \(\d+/30\), [\d:]+ so far, [\d:]+ left", lines[0])
     missing = subprocess.run([sys.executable, "-m", "overinterp", "watch"], capture_output=True, text=True)
     assert missing.returncode == 2 and "give the command to run after --" in missing.stderr
+
+
+def test_make_install_takes_the_cpu_build_of_torch_when_asked(tmp_path):
+    """`make install TORCH=cpu` installs torch from PyTorch's CPU index before the project; plain `make install`
+    leaves torch to PyPI (dry runs: nothing is installed)."""
+    from conftest import REPO
+
+    def plan(*extra):
+        return subprocess.run(["make", "-n", "-C", str(REPO), "install", f"VENV={tmp_path / 'venv'}", *extra],
+                              capture_output=True, text=True, check=True).stdout
+
+    cpu = plan("TORCH=cpu")
+    assert "--index-url https://download.pytorch.org/whl/cpu torch torchvision" in cpu
+    assert cpu.index("whl/cpu") < cpu.index("-e '.[test]'")
+    assert "whl/cpu" not in plan()
