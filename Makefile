@@ -43,10 +43,14 @@ endif
 
 # A failed job's log (where its error message is) is printed on the console, not only named; every minute,
 # the progress bars of the running jobs (from their logs) too. The report is built at the end.
+# (A dry run, ARGS='-n', builds no report.)
+DRY_RUN := $(filter -n --dry-run --dryrun,$(ARGS))
 run: install
 	$(BIN)/overinterp watch --logs logs -- $(BIN)/snakemake --cores $(CORES) --show-failed-logs $(SNAKEMAKE_ARGS)
+ifeq ($(DRY_RUN),)
 	$(BIN)/snakemake --cores $(CORES) --report results/report.html $(SNAKEMAKE_ARGS)
-	@echo "The results: $(abspath results/report.html) (open it in a browser; it begins with the headline)"
+	@echo "The results: results/report.html (open it in a browser; it begins with the headline)"
+endif
 
 report: install
 	$(BIN)/snakemake --cores $(CORES) --report results/report.html $(SNAKEMAKE_ARGS)

@@ -145,10 +145,16 @@ def source_config(workdir: Path, archive: Path, md5: str) -> Path:
 
 @pytest.fixture(scope="session")
 def smoke_run(cifar_archive, tmp_path_factory) -> Path:
-    """The whole smoke configuration run once by Snakemake; returns its working directory."""
+    """The whole smoke configuration run once as a user runs it, by `make run` (the workflow with its progress
+    lines, then the report); returns its working directory, with the console output in ``console.txt``."""
     workdir = tmp_path_factory.mktemp("smoke")
     configs = (REPO / "config" / "smoke.yaml", source_config(workdir, *cifar_archive))
-    snakemake(workdir, "--cores", "2", configfiles=configs)
+    args = f"--configfile {' '.join(map(str, configs))} --directory {workdir}"
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    done = subprocess.run(["make", "-o", ".venv/.installed", f"BIN={BIN}", "run", f"ARGS={args}", "CORES=2"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    (workdir / "console.txt").write_text(done.stdout + done.stderr)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
     return workdir
 
 
