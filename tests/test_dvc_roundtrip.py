@@ -126,5 +126,5 @@ def test_publish_clone_pull_needs_no_rerun(tmp_path, cifar_archive):
     dry = run(clone, *snakemake, "-n", *args, change).output
     counts = job_counts(dry)
     assert counts.get("train") == 1 and counts.get("retrain") == 1
-    assert not {"download_cifar10", "convert_cifar10", "random_subsets"} & set(counts)
+    assert not {"download_cifar10", "dataset", "random_subsets"} & set(counts)
     assert "Params have changed since last execution" in dry

@@ -342,7 +342,7 @@ def test_the_report_opens_with_the_headline_in_a_browser(smoke_run, browser):
     assert "this run's results" in text and "Key numbers" in text and "Table 1: 5% of the pixels kept" in text
     assert f"{100 * full.accuracy_mean:.1f}% ± {100 * full.accuracy_std:.1f} test accuracy on full images" in text
     assert f"backward selection: {100 * bs.accuracy_mean:.1f}% ± {100 * bs.accuracy_std:.1f}" in text
-    assert "tiny trained for 2 epochs on 200 CIFAR-10 training images" in text
+    assert "tiny trained for 2 epochs on 200 training images of CIFAR-10 (seeds 0, 1) and tested on 100" in text
     assert "SIS sizes of tiny-s0 at τ = 0.1" in text and "tiny-dropout-s0" not in text.split("Table 1")[0]
     assert "{'" not in text  # no configuration dict on the front page
     for name in ("table1", "sis_sizes"):

@@ -154,4 +154,4 @@ def test_agreement_commands(cifar_npz, tiny_model, tmp_path):
     table = pd.read_csv(tmp_path / "t.csv")
     assert table["model"].tolist() == ["m1", "m2"] and table["overlap_mean"].iloc[1] == 1
     assert table["overlap_chance"].iloc[0] == pytest.approx(52 / 1024)
-    assert "overlap_mean" in (tmp_path / "t.md").read_text()
+    assert "kept pixels shared, mean (%)" in (tmp_path / "t.md").read_text()  # the readable form

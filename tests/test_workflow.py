@@ -129,3 +129,76 @@ def test_references_to_readme_sections_name_existing_sections():
     assert ("config.yaml", "Configurations") in cited  # a reference that wraps onto the next comment line
     missing = [(f, name) for f, name in cited if name not in headings]
     assert not missing, missing
+
+
+# -------------------------------------------------------------------------------- a dataset of one's own
+def three_class_folder(cifar_imagefolder, root):
+    """Three of CIFAR-10's class folders as a user's dataset: train/ and val/ (the test split's name varies)."""
+    for split, name in (("train", "train"), ("test", "val")):
+        for cls in ("bird", "cat", "ship"):
+            shutil.copytree(cifar_imagefolder / split / cls, root / name / cls)
+    return root
+
+
+def folder_config(path, folder, **dataset):
+    entry = {"adapter": "imagefolder", "root": str(folder), "test_split": "val", "crop": 24, "resize": 24,
+             "train_size": None, "test_size": None, **dataset}
+    lines = ["dataset:"] + [f"  {k}: {json.dumps(v)}" for k, v in entry.items()]
+    lines += ["models: {architectures: [tiny], seeds: [0]}", "subsets: {fractions: [0.05], retrain_seeds: [0]}",
+              "humaneval: {enabled: false}"]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.slow
+def test_an_image_folder_of_its_own_classes_runs_the_same_chain(cifar_imagefolder, tmp_path):
+    """`dataset.adapter: imagefolder` is all it takes: three classes at 24x24 go through the same rules as
+    CIFAR-10 (dataset file, training, SIS, subsets, retraining, Table 1, the front page)."""
+    root = three_class_folder(cifar_imagefolder, tmp_path / "birds-cats-ships")
+    config = folder_config(tmp_path / "folder.yaml", root)
+    targets = ["results/tables/table1.md", "results/report-front.rst", "results/figures/table1.png"]
+    snakemake(tmp_path / "run", "--cores", "2", *targets, configfiles=(REPO / "config/smoke.yaml", config))
+    run = tmp_path / "run"
+    import numpy as np
+    import torch
+
+    arrays = np.load(run / "data/imagefolder/dataset.npz")
+    assert arrays["train_images"].shape == (90, 3, 24, 24) and arrays["test_images"].shape == (30, 3, 24, 24)
+    assert arrays["classes"].tolist() == ["bird", "cat", "ship"] and arrays["frame"].tolist() == [24, 24]
+    model = torch.load(run / "results/models/tiny-s0/model.pt", weights_only=True)
+    assert model["state_dict"]["head.weight"].shape[0] == 3  # as many outputs as the folder has classes
+    assert model["meta"]["classes"] == ["bird", "cat", "ship"] and model["meta"]["crop"] == 24
+    table1 = pd.read_csv(run / "results/tables/table1.csv")
+    assert {"full images", "backward selection (trained and tested)", "random (trained and tested)"} <= set(
+        table1["condition"])
+    assert (table1["test_images"] == 30).all()
+    front = (run / "results/report-front.rst").read_text()
+    assert "the image folder birds-cats-ships (3 classes)" in front and "(chance 33.3%)" in front
+    assert not (run / "data/cifar10").exists()  # nothing of CIFAR-10 was fetched
+
+
+def test_an_image_folder_entry_is_checked_before_anything_runs(cifar_imagefolder, tmp_path):
+    root = three_class_folder(cifar_imagefolder, tmp_path / "mine")
+    smoke = REPO / "config/smoke.yaml"
+    cases = [
+        ({"root": str(tmp_path / "absent")}, "has no train/ folder"),
+        ({"root": None}, "`dataset.root`: is not set"),
+        ({"train_size": 100}, "100 is not a multiple of the 3 classes"),
+    ]
+    for override, message in cases:
+        config = folder_config(tmp_path / "bad.yaml", root, **override)
+        done = snakemake(tmp_path / "run", "-n", configfiles=(smoke, config), check=False)
+        assert done.returncode != 0 and message in done.stdout + done.stderr, done.stdout[-2000:]
+    # The study offers number keys: more than ten classes need humaneval.enabled: false.
+    many = tmp_path / "many"
+    for k in range(11):
+        (many / "train" / f"c{k}").mkdir(parents=True)
+    config = folder_config(tmp_path / "bad.yaml", many)
+    config.write_text(config.read_text().replace("humaneval: {enabled: false}", "humaneval: {enabled: true}"))
+    done = snakemake(tmp_path / "run", "-n", configfiles=(smoke, config), check=False)
+    assert done.returncode != 0 and "Set humaneval.enabled: false" in done.stdout + done.stderr
+    # A test split that is not there is named by the dataset job.
+    config = folder_config(tmp_path / "bad.yaml", root, test_split="test")
+    done = snakemake(tmp_path / "run", "--cores", "1", "--show-failed-logs", "data/imagefolder/dataset.npz",
+                     configfiles=(smoke, config), check=False)
+    assert done.returncode != 0 and "the workflow needs 'train' and 'test'" in done.stdout + done.stderr

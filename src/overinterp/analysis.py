@@ -150,15 +150,19 @@ def headline(table1: pd.DataFrame, sis_sizes: pd.DataFrame | None, settings: dic
     fraction = settings["fraction"]
     method = {"exact": "exact backward selection", "gradient": "batched gradient backward selection "
               f"({settings['pixels_per_step']} pixels per step)"}[settings["method"]]
-    lines = ["Overinterpretation on CIFAR-10: this run's results", "=" * 52, "",
+    dataset = settings.get("dataset", "CIFAR-10")
+    trained_on = "all" if settings["train_size"] is None else f"{settings['train_size']:,}"
+    tested_on = int(table1["test_images"].max())  # as evaluated
+    title = f"Overinterpretation on {dataset}: this run's results"
+    lines = [title, "=" * len(title), "",
              f"**Configuration.** {', '.join(settings['architectures'])} trained for {settings['epochs']} epochs on "
-             f"{settings['train_size']:,} CIFAR-10 training images (seeds {', '.join(map(str, settings['seeds']))}) "
-             f"and tested on {settings['test_size']:,} test images. Pixel subsets by {method}; SIS threshold "
+             f"{trained_on} training images of {dataset} (seeds {', '.join(map(str, settings['seeds']))}) and "
+             f"tested on {tested_on:,} test images. Pixel subsets by {method}; SIS threshold "
              f"τ = {settings['tau']:g} on the predicted class's probability. Table 1 keeps "
              f"{100 * fraction:g}% of the pixels; fresh models were trained and tested on the subsets with seeds "
              f"{', '.join(map(str, settings['retrain_seeds']))}. Masked pixels take the dataset-mean colour.", "",
              "Key numbers", "-----------", ""]
-    chance = 1 / 10
+    chance = settings.get("chance", 0.1)
     for arch, rows in table1.groupby("architecture", sort=False):
         acc = dict(zip(rows["condition"], zip(rows["accuracy_mean"], rows["accuracy_std"])))
 
@@ -295,8 +299,9 @@ def add_commands(subparsers) -> None:
     h.add_argument("--table1", required=True, help="table1.csv")
     h.add_argument("--sis-sizes", default=None, help="the SIS size summary (.csv)")
     h.add_argument("--settings", required=True,
-                   help="JSON object of the run's settings: architectures, seeds, epochs, train_size, test_size, "
-                        "method, pixels_per_step, tau, fraction, retrain_seeds, and sis_models (the models whose "
+                   help="JSON object of the run's settings: dataset (its name), chance, architectures, seeds, epochs, "
+                        "train_size (null: all), method, pixels_per_step, tau, fraction, retrain_seeds, "
+                        "and sis_models (the models whose "
                         "SIS sizes are quoted; default: every model of the summary)")
     h.add_argument("--out", required=True, help="the page (.rst)")
     h.set_defaults(handler=run_headline)

@@ -155,6 +155,7 @@ class Split:
     labels: torch.Tensor
     index: np.ndarray
     classes: list[str]
+    frame: tuple[int, int] = (32, 32)  # (shorter side resized to, centre crop) the images were brought to
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -179,8 +180,9 @@ def balanced_subset(labels: np.ndarray, size: int | None, what: str = "the split
     return np.sort(np.concatenate(picks))
 
 
+# What `convert` writes: uint8 NCHW images of one size for both splits, labels, class names; and, for an image
+# folder, ``frame`` (resize, crop) the images were brought to (CIFAR-10's are 32x32 as published).
 DATASET_ARRAYS = ("train_images", "train_labels", "test_images", "test_labels", "classes")
-IMAGE_SHAPE = (3, 32, 32)  # what `convert` writes: CIFAR-10 as uint8 NCHW
 
 
 def validate_dataset(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -196,8 +198,10 @@ def validate_dataset(path: Path, arrays: dict[str, np.ndarray]) -> None:
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
         if images.dtype != np.uint8:
             raise bad(f"{split}_images", f"has dtype {images.dtype}, expected uint8 pixel values 0..255")
-        if images.ndim != 4 or images.shape[1:] != IMAGE_SHAPE:
-            raise bad(f"{split}_images", f"has shape {images.shape}, expected (N, {', '.join(map(str, IMAGE_SHAPE))})")
+        shape = (3, *arrays["train_images"].shape[2:])
+        if images.ndim != 4 or images.shape[1:] != shape or shape[1] < 1 or shape[2] < 1:
+            raise bad(f"{split}_images", f"has shape {images.shape}, expected (N, 3, H, W) with the training "
+                                         f"images' H and W")
         if labels.ndim != 1 or labels.dtype.kind not in "iu":
             raise bad(f"{split}_labels", f"should be 1-D integer labels, has shape {labels.shape} and dtype {labels.dtype}")
         if len(labels) != len(images):
@@ -223,6 +227,7 @@ def load_split(path: str | Path, split: str, size: int | None = None) -> Split:
         labels=torch.from_numpy(labels[index]),
         index=index,
         classes=[str(c) for c in arrays["classes"]],
+        frame=tuple(int(v) for v in arrays["frame"]) if "frame" in arrays else tuple(arrays["train_images"].shape[2:]),
     )
 
 

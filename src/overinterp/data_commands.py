@@ -1,5 +1,7 @@
-"""``overinterp download`` and ``overinterp convert``."""
+"""``overinterp download`` and ``overinterp convert``: the dataset file every later stage reads."""
 from __future__ import annotations
+
+import json
 
 from . import data
 
@@ -11,7 +13,33 @@ def add_commands(subparsers) -> None:
     p.add_argument("--out", required=True, help="where the verified archive is kept")
     p.set_defaults(handler=lambda a: data.download(a.url, a.out, a.md5) and 0)
 
-    p = subparsers.add_parser("convert", help="convert the CIFAR-10 python archive into the pipeline's .npz")
-    p.add_argument("--archive", required=True, help="cifar-10-python.tar.gz")
+    p = subparsers.add_parser("convert", help="the dataset file (.npz) from the CIFAR-10 archive or an image folder")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--archive", help="cifar-10-python.tar.gz")
+    source.add_argument("--folder", help="an image folder ROOT/<split>/<class>/<images> (any format Pillow reads)")
+    p.add_argument("--test-split", default="test", help="--folder: the split folder to test on (e.g. val)")
+    p.add_argument("--resize", type=int, default=None,
+                   help="--folder: shorter side before the centre crop (default: the crop)")
+    p.add_argument("--crop", type=int, default=None,
+                   help="--folder: centre crop = the models' input size (default: the images as they are, which "
+                        "must then share one size)")
+    p.add_argument("--classes", default=None,
+                   help="--folder: comma-separated class order (default: sorted folder names)")
+    p.add_argument("--workers", type=int, default=8, help="--folder: threads decoding images")
     p.add_argument("--out", required=True, help="the pipeline's dataset file (.npz)")
-    p.set_defaults(handler=lambda a: data.convert(a.archive, a.out) and 0)
+    p.set_defaults(handler=run_convert)
+
+
+def run_convert(args) -> int:
+    if args.archive:
+        data.convert(args.archive, args.out)
+        return 0
+    from .datasets import ImageFolder, write_dataset_file
+
+    if args.resize and not args.crop:
+        raise data.DataError("--resize needs --crop: the centre crop is the models' input size")
+    frame = (args.resize or args.crop, args.crop) if args.crop else None
+    classes = args.classes.split(",") if args.classes else None
+    folder = ImageFolder(args.folder, frame, classes, workers=args.workers)
+    print(json.dumps(write_dataset_file(folder, args.out, args.test_split)))
+    return 0

@@ -279,6 +279,32 @@ class ImageNet(ImageFolder):
         return {w: i for i, w in enumerate(wnids())}
 
 
+def write_dataset_file(dataset: Dataset, out: str | Path, test_split: str = "test") -> dict:
+    """The workflow's dataset file (see :mod:`overinterp.data`) from an image-folder adapter: its ``train`` and
+    ``test_split`` splits at its frame, in memory; returns the images per split. Every later stage reads it."""
+    from .data import validate_dataset
+    from .utils import save_npz
+
+    if "train" not in dataset.splits or test_split not in dataset.splits:
+        raise DataError(f"{dataset.name} at {getattr(dataset, 'root', '?')} has the splits {', '.join(dataset.splits)}; "
+                        f"the workflow needs 'train' and {test_split!r} (set dataset.test_split to the one to test on)")
+    train, test = dataset.load("train"), dataset.load(test_split)
+    if train.classes != test.classes:
+        raise DataError(f"the train and {test_split} folders of {dataset.root} hold different classes "
+                        f"({sorted(set(train.classes) ^ set(test.classes))[:5]} in one only); give both the same "
+                        "class folders, or fix the order with dataset.classes")
+    if train.images.shape[2:] != test.images.shape[2:]:
+        raise DataError(f"the train and {test_split} images have different sizes ({tuple(train.images.shape[2:])} "
+                        f"and {tuple(test.images.shape[2:])}); set dataset.crop (and dataset.resize)")
+    arrays = {"train_images": train.images.numpy(), "train_labels": train.labels,
+              "test_images": test.images.numpy(), "test_labels": test.labels, "classes": np.array(train.classes)}
+    frame = dataset.frame or tuple(train.images.shape[2:])
+    validate_dataset(Path(out), arrays)
+    save_npz(out, frame=np.array(frame, dtype=np.int64), **arrays)
+    return {"train": len(train), test_split: len(test), "classes": len(train.classes),
+            "size": list(train.images.shape[2:])}
+
+
 ADAPTERS = {"cifar10": Cifar10, "imagefolder": ImageFolder, "imagenet": ImageNet}
 
 

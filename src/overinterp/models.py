@@ -83,7 +83,8 @@ class VGG(nn.Module):
         self.head = nn.Linear(cin, num_classes)  # single linear classifier, as in the reference
 
     def forward(self, x):
-        return self.head(torch.flatten(self.features(x), 1))
+        # 1x1 after the last pooling at 32x32 (the pool is then the identity); larger images are averaged
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1))
 
 
 class TinyNet(nn.Module):
@@ -118,16 +119,17 @@ def imagenet_architecture(arch: str, num_classes: int = 1000) -> nn.Module:
 
 # The CIFAR networks take 32x32 CIFAR-normalised images; the prefix keeps them apart from torchvision's
 # ImageNet networks of the same family (torchvision:resnet18 is another network).
-CIFAR_ARCHITECTURES: dict[str, Callable[[], nn.Module]] = {
-    "cifar_resnet20": lambda: ResNet([16, 32, 64], [3, 3, 3], shortcut="A"),
-    "cifar_resnet18": lambda: ResNet([64, 128, 256, 512], [2, 2, 2, 2], shortcut="B"),
-    "cifar_vgg16_bn": lambda: VGG(VGG16_LAYOUT),
+# They take any image size (32x32 and up; VGG needs at least 32x32) and any number of classes.
+CIFAR_ARCHITECTURES: dict[str, Callable[[int], nn.Module]] = {
+    "cifar_resnet20": lambda classes=10: ResNet([16, 32, 64], [3, 3, 3], shortcut="A", num_classes=classes),
+    "cifar_resnet18": lambda classes=10: ResNet([64, 128, 256, 512], [2, 2, 2, 2], shortcut="B", num_classes=classes),
+    "cifar_vgg16_bn": lambda classes=10: VGG(VGG16_LAYOUT, num_classes=classes),
     "tiny": TinyNet,
 }
 IMAGENET_ARCHITECTURES = ("inception_v3", "resnet50", "efficientnet_lite0")
-ARCHITECTURES: dict[str, Callable[[], nn.Module]] = {
+ARCHITECTURES: dict[str, Callable[[int], nn.Module]] = {
     **CIFAR_ARCHITECTURES,
-    **{arch: (lambda a=arch: imagenet_architecture(a)) for arch in IMAGENET_ARCHITECTURES},
+    **{arch: (lambda classes=1000, a=arch: imagenet_architecture(a, classes)) for arch in IMAGENET_ARCHITECTURES},
 }
 # Names of earlier versions, still accepted (model files made with them keep loading).
 DEPRECATED_NAMES = {"resnet20": "cifar_resnet20", "resnet18": "cifar_resnet18", "vgg16_bn": "cifar_vgg16_bn"}
@@ -161,11 +163,12 @@ class InputDropout(nn.Module):
         return torch.where(drop, torch.full_like(x, self.baseline), x)
 
 
-def build_model(arch: str, input_dropout: float = 0.0, baseline: float = 0.0) -> nn.Module:
+def build_model(arch: str, input_dropout: float = 0.0, baseline: float = 0.0, num_classes: int | None = None) -> nn.Module:
+    """A fresh ``arch`` with ``num_classes`` outputs (default: 10 for the CIFAR networks, 1,000 for ImageNet's)."""
     arch = canonical_arch(arch)
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHITECTURES)}")
-    net = ARCHITECTURES[arch]()
+    net = ARCHITECTURES[arch]() if num_classes is None else ARCHITECTURES[arch](num_classes)
     if input_dropout > 0:
         net = nn.Sequential(InputDropout(input_dropout, baseline), net)
     return net
@@ -209,7 +212,7 @@ def _from_blob(blob: dict) -> nn.Module:
     if blob["arch"] == "ensemble":
         return Ensemble([_from_blob(member) for member in blob["members"]])
     meta = blob.get("meta", {})
-    model = build_model(blob["arch"], meta.get("input_dropout", 0.0), meta.get("baseline", 0.0))
+    model = build_model(blob["arch"], meta.get("input_dropout", 0.0), meta.get("baseline", 0.0), meta.get("num_classes"))
     model.load_state_dict(blob["state_dict"])
     return model
 

@@ -154,7 +154,8 @@ def train_model(
     if positions_only and keep is None:
         raise ValueError("positions_only training needs keep-masks")
     torch.manual_seed(seed)
-    model = build_model(arch, recipe.input_dropout, normalizer.baseline).to(device, memory_format=torch.channels_last)
+    model = build_model(arch, recipe.input_dropout, normalizer.baseline, len(train.classes)).to(
+        device, memory_format=torch.channels_last)
     generator = torch.Generator(device=device).manual_seed(seed)
     fingerprint = _fingerprint(arch, recipe, seed, len(train), keep is not None, positions_only)
     trainer = Trainer(model, recipe, fingerprint, checkpoint_path, generator)
@@ -203,7 +204,7 @@ def train_model(
 
 def add_commands(subparsers) -> None:
     p = subparsers.add_parser("train", help="train a model on full images or on pixel subsets")
-    p.add_argument("--data", required=True, help="converted dataset (.npz)")
+    p.add_argument("--data", required=True, help="the dataset file (.npz) that `overinterp convert` writes")
     p.add_argument("--arch", required=True, choices=sorted([*ARCHITECTURES, *DEPRECATED_NAMES]), metavar="ARCH",
                    help=f"the network: {', '.join(sorted(ARCHITECTURES))} (old names: {', '.join(DEPRECATED_NAMES)})")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the data order (default: 0)")
@@ -239,7 +240,8 @@ def run_train(args: argparse.Namespace) -> int:
     save_model(args.out, model, args.arch, seed=args.seed, input_dropout=recipe.input_dropout,
                baseline=args.baseline, normalize={"mean": normalizer.mean.flatten().tolist(),
                                                   "std": normalizer.std.flatten().tolist()}, positions_only=args.positions_only, recipe=dataclasses.asdict(recipe),
-               train_images=len(train), test_images=len(test))
+               train_images=len(train), test_images=len(test), num_classes=len(train.classes),
+               classes=list(train.classes), resize=train.frame[0], crop=train.frame[1])
     save_dataframe(args.metrics, metrics)
     if args.checkpoint:
         Path(args.checkpoint).unlink(missing_ok=True)

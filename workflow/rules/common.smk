@@ -4,6 +4,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 from decimal import Decimal
 from pathlib import Path
 
@@ -76,6 +77,26 @@ def check_config():
         )
     if not config["cifar10"]["enabled"]:
         return
+    for split in ("train", "test"):
+        size = config["dataset"][f"{split}_size"]
+        if size is not None and size % NUM_CLASSES:
+            config_error(
+                f"dataset.{split}_size",
+                f"{size} is not a multiple of the {NUM_CLASSES} classes, so the "
+                "subset cannot be class-balanced",
+                f"Choose a multiple of {NUM_CLASSES}, or null",
+            )
+    if not config["humaneval"]["enabled"]:
+        return
+    if NUM_CLASSES > 10:
+        config_error(
+            "humaneval",
+            f"the study offers number keys 0-9, so at most 10 classes; the dataset has "
+            f"{NUM_CLASSES}",
+            "Set humaneval.enabled: false",
+        )
+    if DATASET_ADAPTER != "cifar10":
+        return
     # null = the whole CIFAR-10 test split
     test_size = config["dataset"]["test_size"] or 10000
     per_class = test_size // 10
@@ -92,6 +113,64 @@ def check_config():
             f"dataset.test_size = {test_size} has {per_class} per class (conditions never share an image)",
             "Lower the counts or raise dataset.test_size",
         )
+
+
+# ------------------------------------------------------------------------------------------ the dataset
+# Every stage reads one dataset file, whichever adapter made it (workflow/rules/data.smk): a new dataset is an
+# adapter and a config entry, not new rules.
+DATASET_ADAPTER = config["dataset"]["adapter"]
+DATASET = {
+    "cifar10": "data/cifar10/cifar10.npz",
+    "imagefolder": "data/imagefolder/dataset.npz",
+}[DATASET_ADAPTER]
+
+
+def imagefolder_classes():
+    """The classes of the image folder, read from its training split's folder names (or the configured list)."""
+    root = config["dataset"]["root"]
+    if not root:
+        config_error(
+            "dataset.root",
+            "is not set, but dataset.adapter is imagefolder",
+            "Point it at your folder: ROOT/train/<class>/<images> and ROOT/<test_split>/<class>/<images>",
+        )
+    train = Path(root).expanduser() / "train"
+    if not train.is_dir():
+        config_error(
+            "dataset.root",
+            f"{root} has no train/ folder",
+            "Give the folder that holds train/<class>/<images> and the test split",
+        )
+    return config["dataset"]["classes"] or sorted(
+        p.name for p in train.iterdir() if p.is_dir() and not p.name.startswith(".")
+    )
+
+
+NUM_CLASSES = 10 if DATASET_ADAPTER == "cifar10" else len(imagefolder_classes())
+CHANCE = 1 / NUM_CLASSES
+
+
+def dataset_input(wildcards):
+    """cifar10: the verified archive; an image folder is read where it is (rerun with `-R dataset` after
+    changing its files: Snakemake does not watch a folder)."""
+    if DATASET_ADAPTER == "cifar10":
+        return {"archive": "data/cifar10/cifar-10-python.tar.gz"}
+    return {}
+
+
+def dataset_source(wildcards, input):
+    if DATASET_ADAPTER == "cifar10":
+        return f"--archive {input.archive}"
+    entry = config["dataset"]
+    args = [
+        f"--folder {shlex.quote(str(entry['root']))}",
+        f"--test-split {entry['test_split']}",
+    ]
+    args += [f"--{key} {entry[key]}" for key in ("crop", "resize") if entry[key]]
+    if entry["classes"]:
+        classes = shlex.quote(",".join(entry["classes"]))
+        args.append(f"--classes {classes}")
+    return " ".join(args)
 
 
 check_config()
@@ -296,16 +375,16 @@ def recipe_json(model=None):
     return shlex.quote(json.dumps(recipe, sort_keys=True))
 
 
-DATASET = "data/cifar10/cifar10.npz"
 # Training and backward selection use every core they are given: locally Snakemake caps this at --cores
 # (one such job at a time on a small machine); on a cluster it is the CPUs requested per GPU job.
 HEAVY_THREADS = 8
 
 
 def gpus_visible():
-    """Whether this machine shows an NVIDIA GPU to its jobs (a device node, not hidden by CUDA_VISIBLE_DEVICES)."""
+    """Whether this machine shows an NVIDIA GPU to its jobs: its driver's nvidia-smi is installed, and
+    CUDA_VISIBLE_DEVICES does not hide every device."""
     hidden = os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1")
-    return not hidden and any(Path("/dev").glob("nvidia[0-9]*"))
+    return not hidden and shutil.which("nvidia-smi") is not None
 
 
 # GPU rules ask for `gpu=1` where there is a GPU; on a machine without one they run on the CPU and do not
@@ -344,8 +423,13 @@ def headline_settings():
         "architectures": ARCHITECTURES,
         "seeds": SEEDS,
         "epochs": config["train"]["epochs"],
-        "train_size": config["dataset"]["train_size"] or 50000,
-        "test_size": config["dataset"]["test_size"] or 10000,
+        "dataset": (
+            "CIFAR-10"
+            if DATASET_ADAPTER == "cifar10"
+            else f"the image folder {Path(config['dataset']['root']).name} ({NUM_CLASSES} classes)"
+        ),
+        "chance": CHANCE,
+        "train_size": config["dataset"]["train_size"],
         "method": SIS_METHOD,
         "pixels_per_step": config["sis"]["pixels_per_step"],
         "tau": config["sis"]["tau"],
@@ -507,6 +591,8 @@ def humaneval_predictions():
 
 
 def humaneval_outputs():
+    if not config["humaneval"]["enabled"]:
+        return []
     outputs = [
         "results/humaneval/study.zip",
         "results/humaneval/answer_key.csv",

@@ -1,4 +1,5 @@
-# Dataset: download the CIFAR-10 python archive (md5 verified before it is kept) and convert it once.
+# Dataset: download the CIFAR-10 python archive (md5 verified before it is kept), or read an image folder,
+# and write the dataset file once.
 
 
 # On a cluster the download runs in the controlling process: compute nodes often have no internet access.
@@ -25,14 +26,17 @@ rule download_cifar10:
         "python -m overinterp download --url {CIFAR10_URL} --md5 {params.md5} --out {output} 2> {log}"
 
 
-rule convert_cifar10:
+# The one dataset file every later stage reads, from whichever adapter the config names (`dataset.adapter`).
+rule dataset:
     input:
-        "data/cifar10/cifar-10-python.tar.gz",
+        unpack(dataset_input),
     output:
         DATASET,
     log:
-        "logs/data/convert_cifar10.log",
+        "logs/data/dataset.log",
     conda:
         "../../envs/overinterp.yaml"
+    params:
+        source=dataset_source,
     shell:
-        "python -m overinterp convert --archive {input} --out {output} 2> {log}"
+        "python -m overinterp convert {params.source} --out {output} 2> {log}"

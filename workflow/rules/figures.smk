@@ -155,9 +155,11 @@ rule figure_table1:
         "../../envs/overinterp.yaml"
     params:
         fraction=FRACTIONS[0],
+        chance=CHANCE,
         prefix=figure_prefix,
     shell:
-        "python -m overinterp figures table1 --table {input} --fraction {params.fraction} --out {params.prefix} 2> {log}"
+        "python -m overinterp figures table1 --table {input} --fraction {params.fraction} --chance {params.chance} "
+        "--out {params.prefix} 2> {log}"
 
 
 rule figure_fraction_sweep:
@@ -177,9 +179,11 @@ rule figure_fraction_sweep:
     conda:
         "../../envs/overinterp.yaml"
     params:
+        chance=CHANCE,
         prefix=figure_prefix,
     shell:
-        "python -m overinterp figures fraction-sweep --sweep {input.sweep} --table {input.table} --out {params.prefix} 2> {log}"
+        "python -m overinterp figures fraction-sweep --sweep {input.sweep} --table {input.table} --chance {params.chance} "
+        "--out {params.prefix} 2> {log}"
 
 
 # One rule per report table (caption workflow/report/table_<name>.rst).
