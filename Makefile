@@ -46,7 +46,7 @@ endif
 # (A dry run, ARGS='-n', builds no report.)
 DRY_RUN := $(filter -n --dry-run --dryrun,$(ARGS))
 run: install
-	$(BIN)/overinterp watch --logs logs -- $(BIN)/snakemake --cores $(CORES) --show-failed-logs $(SNAKEMAKE_ARGS)
+	$(BIN)/overinterp watch -- $(BIN)/snakemake --cores $(CORES) --show-failed-logs $(SNAKEMAKE_ARGS)
 ifeq ($(DRY_RUN),)
 	$(BIN)/snakemake --cores $(CORES) --report results/report.html $(SNAKEMAKE_ARGS)
 	@echo "The results: results/report.html (open it in a browser; it begins with the headline)"

@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -108,6 +109,10 @@ def test_watch_shows_the_jobs_progress_from_their_logs_and_returns_the_exit_stat
     lines = [line for line in done.stdout.splitlines() if "sis/shard-0: BackSelect" in line]
     assert lines, done.stdout
     assert re.search(r"BackSelect \d+% \(\d+/30\), [\d:]+ so far, [\d:]+ left", lines[0])
+    from overinterp.progress import logs_of
+
+    assert logs_of(["snakemake", "--cores", "2", "--directory", "/w", "-n"]) == Path("/w/logs")
+    assert logs_of(["snakemake", "--directory=/w"]) == Path("/w/logs") and logs_of(["snakemake"]) == Path("logs")
     missing = subprocess.run([sys.executable, "-m", "overinterp", "watch"], capture_output=True, text=True)
     assert missing.returncode == 2 and "give the command to run after --" in missing.stderr
 

@@ -66,9 +66,20 @@ def watch(command: list[str], logs: Path, every: float) -> int:
         return process.wait()
 
 
+def logs_of(command: list[str]) -> Path:
+    """Where a Snakemake command's jobs write their logs: ``logs/`` under its ``--directory`` (``-d``), if any."""
+    for i, word in enumerate(command):
+        if word in ("--directory", "-d") and i + 1 < len(command):
+            return Path(command[i + 1]) / "logs"
+        if word.startswith("--directory="):
+            return Path(word.split("=", 1)[1]) / "logs"
+    return Path("logs")
+
+
 def add_commands(subparsers) -> None:
     p = subparsers.add_parser("watch", help="run a command (e.g. snakemake) and print its jobs' progress from their logs")
-    p.add_argument("--logs", default="logs", help="the folder of the jobs' log files")
+    p.add_argument("--logs", default=None,
+                   help="the folder of the jobs' log files (default: logs/ in the command's --directory, or here)")
     p.add_argument("--every", type=float, default=60.0, help="seconds between progress reports")
     p.add_argument("command", nargs=argparse.REMAINDER, help="the command, after --")
     p.set_defaults(handler=run_watch)
@@ -80,4 +91,4 @@ def run_watch(args: argparse.Namespace) -> int:
         print("overinterp watch: give the command to run after --, e.g. overinterp watch -- snakemake --cores 2",
               file=sys.stderr)
         return 2
-    return watch(command, Path(args.logs), args.every)
+    return watch(command, Path(args.logs) if args.logs else logs_of(command), args.every)
