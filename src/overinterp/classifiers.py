@@ -35,6 +35,7 @@ from torch import nn
 from .data import CIFAR10_MEAN, CIFAR10_STD
 from .efficientnet_lite import IMAGENET_MEAN, IMAGENET_STD
 from .models import ARCHITECTURES, CIFAR_ARCHITECTURES, DEPRECATED_NAMES, build_model, canonical_arch, load_model
+from .sis import ShiftedInput
 from .utils import CodeInFileError, DataError, load_torch
 
 log = logging.getLogger(__name__)
@@ -89,18 +90,6 @@ class Classifier:
         if shift.abs().max() > 0:
             module = ShiftedInput(module, shift)
         return module
-
-
-class ShiftedInput(nn.Module):
-    """``module(x + shift)``: lets the masking baseline be 0 whatever colour it stands for."""
-
-    def __init__(self, module: nn.Module, shift: torch.Tensor):
-        super().__init__()
-        self.module = module
-        self.register_buffer("shift", shift.double())
-
-    def forward(self, x):
-        return self.module(x + self.shift.to(x.dtype))
 
 
 class ProbabilitiesAsLogits(nn.Module):

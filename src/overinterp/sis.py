@@ -403,7 +403,7 @@ class _Engine:
             [(torch.tensor([i]), baseline[i : i + 1]) for i in range(len(images))]
         for rows, b in groups:
             b = b.to(self.device, self.dtype)
-            engine = self._derived(_Shifted(self.model, b), 0.0, **self._fresh_plans())
+            engine = self._derived(ShiftedInput(self.model, b), 0.0, **self._fresh_plans())
             shifted = images[rows].to(self.device, self.dtype) - b
             for i, row in engine._attribute_iter(shifted, None if target is None else target[rows]):
                 yield int(rows[i]), row
@@ -431,16 +431,16 @@ class _Engine:
         return {}
 
 
-class _Shifted(torch.nn.Module):
-    """``module(x + shift)``."""
+class ShiftedInput(torch.nn.Module):
+    """``module(x + shift)``: lets the masking baseline be 0 whatever it stands for (a colour, a tensor)."""
 
     def __init__(self, module: torch.nn.Module, shift: torch.Tensor):
         super().__init__()
         self.module = module
-        self.register_buffer("shift", shift)
+        self.register_buffer("shift", shift.double())
 
     def forward(self, x):
-        return self.module(x + self.shift)
+        return self.module(x + self.shift.to(x.dtype))
 
 
 def _pixels_of_features(row: BackSelectResult, ids: np.ndarray, count: int) -> BackSelectResult:
