@@ -135,7 +135,7 @@ def test_index_validates_layout_and_names_unreadable_images(layout, assets, tmp_
     damaged = _copy(layout, tmp_path / "damaged")
     victim = sorted((damaged / "val").rglob("*.JPEG"))[3]
     victim.write_bytes(victim.read_bytes()[:2000])  # a truncated download
-    with pytest.raises(DataError, match=f"(?s)1 file\(s\) in .* are not readable images.*{victim.name}"):
+    with pytest.raises(DataError, match=rf"(?s)1 file\(s\) in .* are not readable images.*{victim.name}"):
         build_index(damaged, tmp_path / "x", num_classes=19)
     assert not (tmp_path / "x").exists()  # nothing written for an invalid copy
 
@@ -183,12 +183,15 @@ def test_pretrained_network_recognises_the_photographs(lite0, layout, index_dir)
 
 
 def test_gradient_sis_shard_resumes_and_gives_confident_subsets(lite0, layout, index_dir, tmp_path):
+    from overinterp.analysis import sis_sizes
     from overinterp.data import DataError
-    from overinterp.imagenet import ImageNetDataset, load_index, load_packed_keep
-    from overinterp.imagenet_sis import (backselect_subsets, last_steps_kept, load_shards, random_subsets,
-                                         run_sis_shard, sis_sizes)
-    from overinterp.imagenet_train import predict_dataset
-    from overinterp.subsets import unpack_keep
+    from overinterp.imagenet import ImageNetDataset, load_index
+    from overinterp.imagenet_sis import run_sis_shard
+    from overinterp.imagenet_train import imagenet_prediction_table, predict_dataset
+    from overinterp.sis import last_steps_kept, read_step_arrays
+    from overinterp.subsets import (backselect_keep_packed, load_packed_keep_masks, random_keep_packed,
+                                    save_packed_keep_masks, unpack_keep)
+    from overinterp.utils import save_dataframe
 
     val = load_index(index_dir / "val.csv", layout, per_class=1)  # 19 images; shard 0 of 10 = the first 2
     resize, crop, k = 55, 48, 32  # 2,304 pixels, 72 steps
@@ -206,28 +209,35 @@ def test_gradient_sis_shard_resumes_and_gives_confident_subsets(lite0, layout, i
         victim.write_bytes(original)
     assert (tmp_path / "resumed.npz.partial.npz").exists() and not (tmp_path / "resumed.npz").exists()
     run_sis_shard(lite0, val, resize, crop, tmp_path / "resumed.npz", **kwargs)
-    a, b = load_shards([whole]), load_shards([tmp_path / "resumed.npz"])
+    keys = ("index", "target", "full_confidence", "removal_step", "step_values")
+    a, b = read_step_arrays([whole], keys), read_step_arrays([tmp_path / "resumed.npz"], keys)
     assert not (tmp_path / "resumed.npz.partial.npz").exists()
-    for key in ("index", "label", "target", "removal_step"):
+    for key in ("index", "target", "removal_step"):
         np.testing.assert_array_equal(a[key], b[key])
     np.testing.assert_allclose(a["step_values"], b["step_values"], atol=1e-5)
-    np.testing.assert_array_equal(a["label"], val.labels[:2])
+    np.testing.assert_array_equal(a["index"], val.index[:2])
 
-    # Compact storage: the removal step of every pixel, k pixels per step.
+    # A shard is a backward-selection result in its step form: the removal step of every pixel, k pixels per
+    # step, and f after each step; read as a result it orders the pixels step by step.
     steps = a["removal_step"]
     assert steps.dtype == np.uint16 and steps.shape == (2, crop * crop) and a["step_values"].shape == (2, 72)
     assert (np.apply_along_axis(np.bincount, 1, steps) == k).all()
+    result = BackSelectResult.load(whole)
+    assert result.pixels_per_step == k and result.meta["crop"] == crop
+    np.testing.assert_array_equal(result.removal_step(), steps)
+    np.testing.assert_array_equal(result.step_values(), a["step_values"])
 
     # Subsets: the pixels of the last ceil(10% of 72) = 8 steps; random ones as many.
     first, count = last_steps_kept(crop * crop, k, 0.1)
     assert (first, count) == (64, 256)
-    backselect_subsets({"val": [whole]}, 0.1, tmp_path / "bs.npz")
-    random_subsets({"val": a["index"]}, crop, count, {"val": 5678}, tmp_path / "random.npz")
+    index, bits, height, width = backselect_keep_packed([whole], 0.1, by="steps")
+    save_packed_keep_masks(tmp_path / "bs.npz", height, width, test=(index, bits))
+    save_packed_keep_masks(tmp_path / "random.npz", crop, crop, test=(index, random_keep_packed(2, crop * crop, count, 5678)))
     subset = load_index(index_dir / "val.csv", layout, per_class=1)
     subset.paths, subset.labels, subset.index = subset.paths[:2], subset.labels[:2], subset.index[:2]
     confidence = {}
     for kind in ("bs", "random"):
-        keep = load_packed_keep(tmp_path / f"{kind}.npz", "val", subset.index)
+        keep = load_packed_keep_masks(tmp_path / f"{kind}.npz", "test", subset.index)
         assert (unpack_keep(keep[0], crop, crop).reshape(2, -1).sum(1) == count).all()
         probs = predict_dataset(lite0, ImageNetDataset(subset, resize, crop, keep), progress=False)
         confidence[kind] = probs[torch.arange(2), torch.as_tensor(a["target"])].numpy()
@@ -236,12 +246,17 @@ def test_gradient_sis_shard_resumes_and_gives_confident_subsets(lite0, layout, i
     # ...and on 11% of the pixels backward selection keeps the model confident, random pixels do not.
     assert confidence["bs"].mean() > 0.5 > 0.05 > confidence["random"].mean(), confidence
 
-    sizes = sis_sizes(a, tau=0.5)
-    assert (sizes["full_confidence"] >= 0.5).all()
+    # SIS sizes from the stored steps, joined with the model's predictions on the full images.
+    full = predict_dataset(lite0, ImageNetDataset(subset, resize, crop), progress=False)
+    save_dataframe(tmp_path / "full.csv", imagenet_prediction_table(full, subset.labels, subset.index))
+    sizes = sis_sizes([whole], tmp_path / "full.csv", tau=0.5)
+    assert (sizes["full_confidence"] >= 0.5).all() and len(sizes)
     for _, row in sizes.iterrows():
         r = int(np.flatnonzero(a["index"] == row["index"])[0])
-        assert a["step_values"][r, row["last_step"]] >= 0.5 if row["last_step"] >= 0 else True
-        assert row["sis_size"] == (steps[r] > row["last_step"]).sum()
+        kept_steps = -(-int(row["sis_size"]) // k)  # the SIS is the pixels of the last steps below tau
+        assert (steps[r] >= 72 - kept_steps).sum() == row["sis_size"]
+        assert a["step_values"][r, 71 - kept_steps] >= 0.5 if kept_steps < 72 else True
+        assert kept_steps == 0 or a["step_values"][r, 72 - kept_steps] < 0.5
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -250,17 +265,19 @@ def test_gradient_sis_shard_resumes_and_gives_confident_subsets(lite0, layout, i
 
 @pytest.mark.parametrize("arch, resize, crop", [("resnet50", 37, 32), ("inception_v3", 86, 75)])
 def test_retraining_on_subsets(arch, resize, crop, layout, index_dir, tmp_path):
-    from overinterp.imagenet import ImageNetDataset, load_index, load_packed_keep
-    from overinterp.imagenet_sis import random_subsets
+    from overinterp.imagenet import ImageNetDataset, load_index
     from overinterp.imagenet_train import ImageNetRecipe, predict_dataset, train_imagenet
     from overinterp.models import load_model, save_model
+    from overinterp.subsets import load_packed_keep_masks, random_keep_packed, save_packed_keep_masks
 
     train = load_index(index_dir / "train.csv", layout, per_class=1)
     val = load_index(index_dir / "val.csv", layout, per_class=1)
-    random_subsets({"train": train.index, "val": val.index}, crop, crop * crop // 10, {"train": 1, "val": 2},
-                   tmp_path / "random.npz")
-    keep = {s.index.size: load_packed_keep(tmp_path / "random.npz", name, s.index) for name, s in
-            (("train", train), ("val", val))}
+    count = crop * crop // 10
+    save_packed_keep_masks(tmp_path / "random.npz", crop, crop,
+                           train=(train.index, random_keep_packed(len(train), crop * crop, count, 1)),
+                           test=(val.index, random_keep_packed(len(val), crop * crop, count, 2)))
+    keep = {s.index.size: load_packed_keep_masks(tmp_path / "random.npz", name, s.index) for name, s in
+            (("train", train), ("test", val))}
     recipe = ImageNetRecipe(epochs=1, batch_size=10, lr=0.01, milestones=[1])
     positions_only = arch == "resnet50"  # the control: only the mask reaches the network
     train_set = ImageNetDataset(train, resize, crop, keep[len(train)], positions_only, recipe.min_scale, recipe.flip)
@@ -328,9 +345,15 @@ def test_imagenet_workflow_end_to_end(assets, layout, tmp_path):
     for name in ("accuracy", "confidence", "examples-efficientnet_lite0"):
         assert (tmp_path / f"results/figures/imagenet-{name}.png").stat().st_size > 0
     bs = np.load(tmp_path / "results/imagenet/subsets/efficientnet_lite0/bs-0.1.npz")
-    assert bs["train_keep"].shape == (19, 32 * 32 // 8) and bs["val_index"].shape == (19,)
-    summary = json.loads((tmp_path / "results/imagenet/sis-sizes/efficientnet_lite0.json").read_text())
-    assert summary["images"] == 19
+    assert bs["train_keep"].shape == (19, 32 * 32 // 8) and bs["test_index"].shape == (19,)
+    random = np.load(tmp_path / "results/imagenet/subsets/efficientnet_lite0/random-0.1.npz")
+    assert random["test_index"].shape == (19,)
+    # ceil(10% of 8 steps of 128 pixels) = 1 step: both kinds keep 128 pixels an image.
+    for keep in (bs["train_keep"], random["test_keep"]):
+        assert (np.unpackbits(keep, axis=1).sum(1) == 128).all()
+    summary = pd.read_csv(tmp_path / "results/imagenet/sis-sizes/efficientnet_lite0-summary.csv")
+    per_image = pd.read_csv(tmp_path / "results/imagenet/sis-sizes/efficientnet_lite0.csv")
+    assert summary["images_at_tau"].item() == len(per_image) and (per_image["full_confidence"] >= 0.9).all()
     dry = snakemake(tmp_path, "-n", configfiles=(configfile,))
     assert "Nothing to be done" in dry.stdout + dry.stderr
 

@@ -215,6 +215,46 @@ def test_gradient_backselect_matches_reference(device, k, batch_size):
     np.testing.assert_array_equal(np.take_along_axis(steps, result.order, 1)[0], np.arange(20) // k)
 
 
+@pytest.mark.parametrize("k", [1, 3, 7])
+def test_the_step_form_keeps_what_the_subsets_and_sis_sizes_need(tmp_path, k):
+    """Saved in its step form (each pixel's removal step, f after each step), a result reads back with the
+    same steps, values, SIS sizes and subsets by steps; within a step the pixels come in index order."""
+    from overinterp.sis import keep_last_steps, read_step_arrays, sis_size_of_steps
+
+    model = small_model(11, 4, 5)
+    images = torch.randn(3, 3, 4, 5, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+    result = GradientBackSelect(model, pixels_per_step=k, dtype=torch.float64, progress=False).attribute(images)
+    result.meta = {"method": "gradient"}
+    result.save(tmp_path / "steps.npz", steps=True)
+    stored = np.load(tmp_path / "steps.npz")
+    assert "order" not in stored and stored["removal_step"].dtype == np.uint16
+    assert stored["step_values"].shape == (3, math.ceil(20 / k))
+    back = BackSelectResult.load(tmp_path / "steps.npz")
+    np.testing.assert_array_equal(back.removal_step(), result.removal_step())
+    np.testing.assert_allclose(back.values, result.values, rtol=1e-6)
+    assert back.meta == result.meta and (back.target == result.target).all()
+    for b in range(3):  # index order within each step
+        for step in range(back.num_steps):
+            pixels = back.order[b, step * k:(step + 1) * k]
+            assert (np.diff(pixels) > 0).all() and set(pixels) == set(result.order[b, step * k:(step + 1) * k])
+    arrays = read_step_arrays([tmp_path / "steps.npz"], keys=("removal_step", "step_values", "full_confidence"))
+    for tau in (0.3, 0.6, 0.9):
+        expected = sis_size(result, tau)
+        np.testing.assert_array_equal(sis_size(back, tau), expected)
+        np.testing.assert_array_equal(
+            sis_size_of_steps(arrays["step_values"], arrays["full_confidence"], 20, k, tau), expected)
+    # By steps: the pixels of the last ceil(fraction * steps) steps, the same as keep_last for whole steps.
+    steps = math.ceil(20 / k)
+    kept = keep_last_steps(arrays["removal_step"], k, 0.5)
+    whole_steps = math.ceil(0.5 * steps)
+    assert (kept.sum(1) == 20 - (steps - whole_steps) * k).all()
+    np.testing.assert_array_equal(kept, keep_last(result, n=20 - (steps - whole_steps) * k))
+    # A result file in the order form reads the same way.
+    result.save(tmp_path / "order.npz")
+    again = read_step_arrays([tmp_path / "order.npz", tmp_path / "steps.npz"], keys=("removal_step",))
+    np.testing.assert_array_equal(again["removal_step"], np.concatenate([result.removal_step()] * 2))
+
+
 def test_gradient_with_one_pixel_per_step_on_a_linear_model_is_exact_backselect():
     """For f monotone in a linear score, the largest-gradient pixel is the one whose removal hurts f least."""
     net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16, 2)).double()

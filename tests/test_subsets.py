@@ -25,6 +25,37 @@ def test_random_keep_counts_and_seed():
     assert np.allclose(many, 8 / 64, atol=0.03)
 
 
+def test_packed_random_keep_is_the_same_masks():
+    from overinterp.subsets import pack_keep, random_keep_packed
+
+    bits = random_keep_packed(600, 1024, 52, seed=1234, chunk=256)
+    assert np.array_equal(bits, pack_keep(random_keep(600, 1024, 52, seed=1234)))
+    assert random_keep_packed(3, 10, 0, seed=0).sum() == 0
+
+
+def test_backselect_subsets_from_shards_by_pixels_or_steps(tmp_path):
+    """`subsets backselect` takes a split's shard files in order; --by steps keeps whole steps."""
+    from overinterp.cli import main
+    from overinterp.sis import BackSelectResult
+
+    rng = np.random.default_rng(0)
+    orders = np.argsort(rng.random((5, 20)), axis=1)
+    values = np.sort(rng.random((5, 20)), axis=1)[:, ::-1]
+    result = BackSelectResult(orders, values, np.zeros(5), np.ones(5), 4, 5, pixels_per_step=3,
+                              index=np.arange(100, 105))
+    result.select(slice(0, 2)).save(tmp_path / "s0.npz", steps=True)
+    result.select(slice(2, 5)).save(tmp_path / "s1.npz")
+    for by, kept in (("pixels", 5), ("steps", 2 * 3 - 1)):  # 25% of 20 pixels; ceil(25% of 7 steps) = 2 steps
+        out = tmp_path / f"{by}.npz"
+        assert main(["subsets", "backselect", "--sis-test", str(tmp_path / "s0.npz"), str(tmp_path / "s1.npz"),
+                     "--fraction", "0.25", "--by", by, "--out", str(out)]) == 0
+        keep = load_keep_masks(out, "test", np.arange(100, 105)).numpy().reshape(5, -1)
+        assert (keep.sum(1) == kept).all()
+        # the pixels removed last; for steps, the last two steps (the last one holds 2 pixels)
+        last = orders[:, 20 - kept:]
+        assert all(set(np.flatnonzero(keep[b])) == set(last[b]) for b in range(5))
+
+
 def test_keep_mask_file_round_trip_and_mismatch(tmp_path):
     keep = np.random.default_rng(0).random((6, 5 * 7)) < 0.2
     save_keep_masks(tmp_path / "m.npz", 5, 7, test=(np.arange(10, 16), keep))

@@ -141,7 +141,11 @@ def test_damaged_sis_results_name_the_file(tmp_path):
     with pytest.raises(DataError, match=f"{path}: not a readable .npz.*Delete it and rerun"):
         BackSelectResult.load(path)
     np.savez(path, order=np.zeros((1, 4)))
-    with pytest.raises(DataError, match="the arrays index, values, target"):
+    with pytest.raises(DataError, match="the arrays index, target, full_confidence, height, width are missing"):
+        BackSelectResult.load(path)
+    np.savez(path, index=np.zeros(1), target=np.zeros(1), full_confidence=np.zeros(1), height=2, width=2,
+             order=np.zeros((1, 4)))
+    with pytest.raises(DataError, match="neither order and values nor removal_step and step_values"):
         BackSelectResult.load(path)
 
 

@@ -207,22 +207,25 @@ def latex_table(table: pd.DataFrame) -> str:
     return latex.replace("±", r"$\pm$").replace("…", r"\ldots{}")
 
 
-def sis_sizes(sis_path, predictions_path, tau: float) -> pd.DataFrame:
+def sis_sizes(sis_paths, predictions_path, tau: float) -> pd.DataFrame:
     """Per test image with full-image confidence >= tau: SIS size as a fraction of the image, and whether
-    the model classifies the image correctly."""
-    from .sis import BackSelectResult, sis_size
+    the model classifies the image correctly. ``sis_paths``: the split's result file, or its shards in order
+    (read without building orderings)."""
+    from .sis import read_step_arrays, sis_size_of_steps
 
-    result = BackSelectResult.load(sis_path)
+    arrays = read_step_arrays([sis_paths] if isinstance(sis_paths, (str, Path)) else sis_paths)
+    pixels = arrays["height"] * arrays["width"]
     predictions = pd.read_csv(predictions_path).set_index("index")
-    sizes = np.asarray(sis_size(result, tau), dtype=float)
-    index = np.asarray(result.index)
+    sizes = sis_size_of_steps(arrays["step_values"], arrays["full_confidence"], pixels,
+                              arrays["pixels_per_step"], tau)
+    index = np.asarray(arrays["index"])
     frame = pd.DataFrame({
         "index": index,
         "label": predictions.loc[index, "label"].to_numpy(),
         "prediction": predictions.loc[index, "prediction"].to_numpy(),
-        "full_confidence": np.asarray(result.full_confidence, dtype=float),
+        "full_confidence": np.asarray(arrays["full_confidence"], dtype=float),
         "sis_size": sizes,
-        "sis_fraction": sizes / (result.height * result.width),
+        "sis_fraction": sizes / pixels,
     })
     frame["correct"] = frame["label"] == frame["prediction"]
     return frame[frame["full_confidence"] >= tau].reset_index(drop=True)
@@ -284,8 +287,9 @@ def add_commands(subparsers) -> None:
     t.set_defaults(handler=run_comparison)
     s = sub.add_parser("sis-sizes", help="SIS sizes of correct vs incorrect test images")
     s.add_argument("--tau", type=float, required=True, help="SIS threshold: f (the predicted class's probability) the subset must keep")
-    s.add_argument("--entry", nargs=3, action="append", required=True, metavar=("MODEL", "SIS", "PREDICTIONS"),
-                   help="a model name, its test-split SIS result and its full-image predictions")
+    s.add_argument("--entry", nargs="+", action="append", required=True, metavar="MODEL SIS... PREDICTIONS",
+                   help="a model name, its test-split SIS result (the merged file, or its shards in order) and its "
+                        "full-image predictions")
     s.add_argument("--per-image-dir", required=True, help="writes <dir>/<model>.csv")
     s.add_argument("--summary", required=True, help="output prefix: PREFIX.csv and PREFIX.md")
     s.set_defaults(handler=run_sis_sizes)
@@ -322,8 +326,11 @@ def run_comparison(args) -> int:
 
 def run_sis_sizes(args) -> int:
     frames = {}
-    for model, sis_path, predictions in args.entry:
-        frames[model] = sis_sizes(sis_path, predictions, args.tau)
+    for entry in args.entry:
+        if len(entry) < 3:
+            raise ValueError(f"--entry needs MODEL SIS... PREDICTIONS, got {' '.join(entry)!r}")
+        model, sis_paths, predictions = entry[0], entry[1:-1], entry[-1]
+        frames[model] = sis_sizes(sis_paths, predictions, args.tau)
         save_dataframe(Path(args.per_image_dir) / f"{model}.csv", frames[model])
     summary = sis_size_summary(frames, args.tau)
     save_dataframe(f"{args.summary}.csv", summary)

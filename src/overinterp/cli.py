@@ -21,7 +21,7 @@ COMMANDS = {
     "sis-agreement-table": "sis_commands", "subsets": "subsets", "tables": "analysis", "figures": "figures",
     "humaneval": "humaneval", "publish": "artifacts", "pull": "artifacts", "audit": "audit", "watch": "progress",
     **{f"imagenet-{name}": "imagenet_commands" for name in (
-        "index", "model", "train", "evaluate", "sis", "subsets", "random-subsets", "sis-sizes", "report")},
+        "index", "model", "train", "evaluate", "sis", "random-subsets", "report")},
 }
 OPTIONS_WITH_VALUES = {"--log-level", "--threads"}
 # The subcommands by stage, in pipeline order, for `overinterp --help`.

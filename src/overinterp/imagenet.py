@@ -28,7 +28,7 @@ from .datasets import check_images, load_frame, wnids
 from .efficientnet_lite import IMAGENET_MEAN, IMAGENET_STD
 from .models import imagenet_architecture
 from .subsets import unpack_keep
-from .utils import load_npz, load_torch, save_dataframe
+from .utils import load_torch, save_dataframe
 
 SPLITS = ("train", "val")
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
@@ -114,18 +114,6 @@ def load_index(index_csv: str | Path, root: str | Path, per_class: int | None = 
 
 # ---------------------------------------------------------------------------------------------------------
 # Images, keep-masks and augmentation
-
-
-def load_packed_keep(path, split: str, expected_index: np.ndarray) -> tuple[np.ndarray, int, int]:
-    """Packed keep-masks of ``split`` from a keep-mask file (see :mod:`overinterp.subsets`), unpacked per image
-    on demand: ImageNet's 1.28M masks fit in memory only packed."""
-    arrays = load_npz(path)
-    if f"{split}_keep" not in arrays:
-        raise ValueError(f"{path} has no keep-masks for the {split!r} split")
-    if not np.array_equal(arrays[f"{split}_index"], expected_index):
-        raise ValueError(f"{path}: keep-masks of the {split!r} split were made for other images than the ones "
-                         "loaded (different per-class sizes?). Rebuild the subsets with the same settings.")
-    return arrays[f"{split}_keep"], int(arrays["height"]), int(arrays["width"])
 
 
 class ImageNetDataset(torch.utils.data.Dataset):

@@ -12,9 +12,13 @@ from .imagenet_train import (ImageNetRecipe, imagenet_prediction_table, predict_
                              train_imagenet)
 from .efficientnet_lite import IMAGENET_MEAN, IMAGENET_STD
 from .models import load_model, save_model
+from .sis import last_steps_kept
+from .subsets import load_packed_keep_masks, random_keep_packed, save_packed_keep_masks
 from .utils import add_device_argument, load_torch, resolve_device, save_dataframe, save_json
 
 IMAGENET_NORMALIZE = {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+# Keep-mask files name the held-out split "test", whatever the dataset calls it (see overinterp.subsets).
+KEEP_SPLIT = {"train": "train", "val": "test"}
 
 
 def _frame_args(p) -> None:
@@ -107,14 +111,6 @@ def add_commands(subparsers) -> None:
     p.add_argument("--out", required=True, help="shard result (.npz)")
     p.set_defaults(handler=run_sis)
 
-    p = subparsers.add_parser("imagenet-subsets", help="BS keep-masks: pixels removed in the last fraction of steps")
-    p.add_argument("--train-shards", nargs="+", required=True, help="SIS shards of the training split")
-    p.add_argument("--val-shards", nargs="+", required=True, help="SIS shards of the val split")
-    p.add_argument("--fraction", type=float, default=0.1, help="share of the steps whose pixels are kept (default: 0.1)")
-    p.add_argument("--out", required=True, help="keep-mask file (.npz)")
-    p.set_defaults(handler=lambda a: print(json.dumps(imagenet_sis.backselect_subsets(
-        {"train": a.train_shards, "val": a.val_shards}, a.fraction, a.out))))
-
     p = subparsers.add_parser("imagenet-random-subsets", help="random keep-masks as large as the BS subsets")
     p.add_argument("--index-dir", required=True, help="folder of the train.csv / val.csv written by imagenet-index")
     p.add_argument("--train-per-class", type=int, default=None, help="first N training images of each class (default: all)")
@@ -126,13 +122,6 @@ def add_commands(subparsers) -> None:
     p.add_argument("--val-seed", type=int, default=5678, help="seed of the val masks (default: 5678)")
     p.add_argument("--out", required=True, help="keep-mask file (.npz)")
     p.set_defaults(handler=run_random_subsets)
-
-    p = subparsers.add_parser("imagenet-sis-sizes", help="SIS sizes at tau, correct vs misclassified images")
-    p.add_argument("--shards", nargs="+", required=True, help="SIS shards of one split")
-    p.add_argument("--tau", type=float, default=0.9, help="SIS threshold on the predicted class (default: 0.9)")
-    p.add_argument("--out", required=True, help="per-image sizes (.csv)")
-    p.add_argument("--summary", required=True, help="statistics (.json)")
-    p.set_defaults(handler=run_sis_sizes)
 
     p = subparsers.add_parser("imagenet-report", help="the ImageNet table and figures")
     p.add_argument("--eval-dir", required=True, help="folder of the evaluations, <arch>/<name>.csv")
@@ -160,7 +149,7 @@ def run_model(args: argparse.Namespace) -> int:
 
 
 def _keep(args, split, name):
-    return imagenet.load_packed_keep(args.keep_masks, name, split.index) if args.keep_masks else None
+    return load_packed_keep_masks(args.keep_masks, KEEP_SPLIT[name], split.index) if args.keep_masks else None
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -204,19 +193,14 @@ def run_sis(args: argparse.Namespace) -> int:
 
 
 def run_random_subsets(args: argparse.Namespace) -> int:
-    index = {split: imagenet.load_index(Path(args.index_dir) / f"{split}.csv", ".", per_class).index
-             for split, per_class in (("train", args.train_per_class), ("val", args.val_per_class))}
     _, crop = _model_frame(args.model)
-    _, count = imagenet_sis.last_steps_kept(crop * crop, args.pixels_per_step, args.fraction)
-    imagenet_sis.random_subsets(index, crop, count, {"train": args.train_seed, "val": args.val_seed}, args.out)
-    return 0
-
-
-def run_sis_sizes(args: argparse.Namespace) -> int:
-    arrays = imagenet_sis.load_shards(args.shards)
-    table = imagenet_sis.sis_sizes(arrays, args.tau)
-    save_dataframe(args.out, table)
-    save_json(args.summary, imagenet_sis.summarize_sis_sizes(table, args.tau, len(arrays["index"])))
+    _, count = last_steps_kept(crop * crop, args.pixels_per_step, args.fraction)
+    splits = {}
+    for split, per_class, seed in (("train", args.train_per_class, args.train_seed),
+                                   ("val", args.val_per_class, args.val_seed)):
+        index = imagenet.load_index(Path(args.index_dir) / f"{split}.csv", ".", per_class).index
+        splits[KEEP_SPLIT[split]] = (index, random_keep_packed(len(index), crop * crop, count, seed))
+    save_packed_keep_masks(args.out, crop, crop, **splits)
     return 0
 
 

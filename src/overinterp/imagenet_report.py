@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .imagenet_sis import last_steps_kept, load_shards, sis_sizes
+from .sis import last_steps_kept, read_step_arrays, sis_size_of_steps
 from .utils import atomic_path, save_dataframe
 
 # (row label, evaluation file stem or retrained variant, trained on, tested on)
@@ -104,7 +104,7 @@ def confidence_figure(shards_by_arch: dict[str, list], out: str | Path) -> None:
 
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
     for colour, (arch, paths) in zip(["#0072B2", "#D55E00", "#009E73"], shards_by_arch.items()):
-        arrays = load_shards(paths, keys=("full_confidence", "step_values"))
+        arrays = read_step_arrays(paths, keys=("full_confidence", "step_values"))
         values = np.column_stack([arrays["full_confidence"], arrays["step_values"]])
         pixels, k = arrays["height"] * arrays["width"], arrays["pixels_per_step"]
         removed = np.minimum(np.arange(values.shape[1]) * k, pixels) / pixels
@@ -130,11 +130,11 @@ def examples_figure(shard_paths: list, split, fraction: float, tau: float, count
 
     from .datasets import imagenet_class_names as class_names, load_frame
 
-    arrays = load_shards(shard_paths)
+    arrays = read_step_arrays(shard_paths, keys=("index", "target", "full_confidence", "removal_step", "step_values"))
     resize, crop = arrays["meta"]["resize"], arrays["height"]
     pixels, k = arrays["height"] * arrays["width"], arrays["pixels_per_step"]
     first, _ = last_steps_kept(pixels, k, fraction)
-    sizes = sis_sizes(arrays, tau).set_index("index")
+    sis_sizes = sis_size_of_steps(arrays["step_values"], arrays["full_confidence"], pixels, k, tau)
     mean = np.array([0.485, 0.456, 0.406])
     shown = min(count, len(arrays["index"]))
     fig, axes = plt.subplots(shown, 3, figsize=(6, 2.1 * shown), squeeze=False)
@@ -147,8 +147,8 @@ def examples_figure(shard_paths: list, split, fraction: float, tau: float, count
         target = class_names()[int(arrays["target"][r])]
         panels = [(image, f"{target}\nf = {arrays['full_confidence'][r]:.2f}"),
                   (np.where((step >= first)[..., None], image, mean), f"BS {fraction:.0%}: f = {values[first - 1]:.2f}")]
-        if row in sizes.index:
-            kept = step > sizes.loc[row, "last_step"]
+        if not np.isnan(sis_sizes[r]):
+            kept = step >= -(-(pixels - sis_sizes[r]) // k)  # the steps after the last one still >= tau
             panels.append((np.where(kept[..., None], image, mean), f"SIS at {tau}: {kept.mean():.1%} of pixels"))
         else:
             panels.append((np.broadcast_to(mean, image.shape), f"no SIS (f < {tau})"))

@@ -16,7 +16,10 @@ after normalisation). ``f`` is the softmax probability of the class the model pr
 
 Both return a :class:`BackSelectResult` (numpy arrays): ``order`` (first removed first) and ``values``
 (``f`` after each removal). :func:`sis_size`, :func:`sis_mask` and :func:`keep_last` derive SIS and
-pixel-subset keep-masks from it, for any threshold, without rerunning the model.
+pixel-subset keep-masks from it, for any threshold, without rerunning the model. A gradient result can be
+stored in its step form (each pixel's removal step, ``f`` after each step: 2 bytes a pixel), which
+:func:`read_step_arrays`, :func:`sis_size_of_steps` and :func:`keep_last_steps` use without building
+orderings, for splits too large for memory as orderings.
 """
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ import torch
 from tqdm import tqdm
 
 from . import incremental
-from .utils import load_npz, save_npz
+from .utils import DataError, load_npz, save_npz
 
 # Exact: the candidate batch sizes tried when none is given (the fastest one, measured, is used: it depends on
 # the model, the image size, the evaluator and the machine). Gradient: images per forward+backward.
@@ -64,7 +67,10 @@ class BackSelectResult:
     meta: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        self.order = np.asarray(self.order).astype(np.int64, copy=False)
+        # int64 indices, or int32 for large images read from a file (half the memory of an ImageNet shard)
+        self.order = np.asarray(self.order)
+        if self.order.dtype != np.int32:
+            self.order = self.order.astype(np.int64, copy=False)
         self.values = np.asarray(self.values)
         self.target = np.asarray(self.target).astype(np.int64, copy=False)
         self.full_confidence = np.asarray(self.full_confidence)
@@ -96,12 +102,31 @@ class BackSelectResult:
             None if self.index is None else self.index[rows], dict(self.meta),
         )
 
+    @property
+    def num_steps(self) -> int:
+        return math.ceil(self.num_pixels / self.pixels_per_step)
+
     def removal_step(self) -> np.ndarray:
         """(B, H*W): the step at which each pixel (by pixel index) was removed; 0 = first."""
         steps = np.empty_like(self.order)
         positions = np.arange(self.num_pixels) // self.pixels_per_step
         np.put_along_axis(steps, self.order, np.broadcast_to(positions, self.order.shape), axis=1)
         return steps
+
+    def step_values(self) -> np.ndarray:
+        """(B, steps): f after each step (the pixels of one step share its value)."""
+        return self.values[:, :: self.pixels_per_step]
+
+    @classmethod
+    def from_steps(cls, removal_step, step_values, target, full_confidence, height: int, width: int,
+                   pixels_per_step: int, index=None, meta: dict | None = None) -> "BackSelectResult":
+        """A result from its step form: each pixel's removal step and f after each step (what the reference
+        records for the gradient method, and what ``save(steps=True)`` stores). The pixels of one step are
+        ordered by pixel index: the order within a step is not recorded, and they share the step's value."""
+        pixels = height * width
+        order = np.argsort(removal_step, axis=1, kind="stable").astype(np.int64 if pixels <= 1 << 16 else np.int32)
+        values = np.repeat(np.asarray(step_values), pixels_per_step, axis=1)[:, :pixels]
+        return cls(order, values, target, full_confidence, height, width, pixels_per_step, index, meta or {})
 
     @classmethod
     def concatenate(cls, results: list["BackSelectResult"]) -> "BackSelectResult":
@@ -122,14 +147,23 @@ class BackSelectResult:
             dict(first.meta),
         )
 
-    def to_arrays(self) -> dict[str, np.ndarray]:
-        """Compact arrays: orders as uint16 while H*W fits (int32 beyond, e.g. 299x299), values float32."""
-        order_dtype = np.uint16 if self.num_pixels <= np.iinfo(np.uint16).max + 1 else np.int32
+    def to_arrays(self, steps: bool = False) -> dict[str, np.ndarray]:
+        """Compact arrays: orders as uint16 while H*W fits (int32 beyond, e.g. 299x299), values float32.
+
+        ``steps`` stores the step form instead (see :meth:`from_steps`): each pixel's removal step (uint16 while
+        the steps fit) and one value per step: 2 bytes a pixel instead of 6-8, for the gradient method on large
+        images; the order within a step is dropped."""
         index = self.index if self.index is not None else np.arange(len(self), dtype=np.int64)
+        if steps:
+            step_dtype = np.uint16 if self.num_steps <= np.iinfo(np.uint16).max + 1 else np.int32
+            ordering = {"removal_step": self.removal_step().astype(step_dtype),
+                        "step_values": self.step_values().astype(np.float32)}
+        else:
+            order_dtype = np.uint16 if self.num_pixels <= np.iinfo(np.uint16).max + 1 else np.int32
+            ordering = {"order": self.order.astype(order_dtype), "values": self.values.astype(np.float32)}
         return {
             "index": index.astype(np.int64),
-            "order": self.order.astype(order_dtype),
-            "values": self.values.astype(np.float32),
+            **ordering,
             "target": self.target.astype(np.int64),
             "full_confidence": self.full_confidence.astype(np.float32),
             "height": np.int64(self.height),
@@ -138,33 +172,77 @@ class BackSelectResult:
             "meta": np.array(json.dumps(self.meta, sort_keys=True)),
         }
 
-    def save(self, path, compressed: bool = True) -> None:
-        """Write atomically to ``path`` (.npz); ``index`` defaults to 0..B-1 when unknown."""
-        save_npz(path, compressed=compressed, **self.to_arrays())
+    def save(self, path, compressed: bool = True, steps: bool = False) -> None:
+        """Write atomically to ``path`` (.npz), in the step form with ``steps``; ``index`` defaults to 0..B-1."""
+        save_npz(path, compressed=compressed, **self.to_arrays(steps))
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "BackSelectResult":
-        return cls(
-            arrays["order"], arrays["values"], arrays["target"], arrays["full_confidence"],
-            int(arrays["height"]), int(arrays["width"]), int(arrays.get("pixels_per_step", 1)),
-            arrays["index"], json.loads(str(arrays["meta"])) if "meta" in arrays else {},
-        )
+        shape = (int(arrays["height"]), int(arrays["width"]), int(arrays.get("pixels_per_step", 1)))
+        meta = json.loads(str(arrays["meta"])) if "meta" in arrays else {}
+        if "removal_step" in arrays:
+            return cls.from_steps(arrays["removal_step"], arrays["step_values"], arrays["target"],
+                                  arrays["full_confidence"], *shape, arrays["index"], meta)
+        return cls(arrays["order"], arrays["values"], arrays["target"], arrays["full_confidence"], *shape,
+                   arrays["index"], meta)
 
     @classmethod
     def load(cls, path) -> "BackSelectResult":
-        arrays = load_npz(path, required=("index", "order", "values", "target", "full_confidence", "height", "width"))
+        arrays = load_npz(path, required=("index", "target", "full_confidence", "height", "width"))
+        if not ({"order", "values"} <= set(arrays) or {"removal_step", "step_values"} <= set(arrays)):
+            raise DataError(f"{path} is not a backward-selection result: it has neither order and values nor "
+                            "removal_step and step_values. Recompute it with `overinterp sis`.")
         return cls.from_arrays(arrays)
+
+
+# The arrays of a result file that describe the whole file rather than one image.
+RESULT_SCALARS = ("height", "width", "pixels_per_step", "meta")
+
+
+def read_step_arrays(paths, keys=("index", "target", "full_confidence", "step_values")) -> dict:
+    """``keys`` of result files (any of index, target, full_confidence, removal_step, step_values), read
+    file by file and concatenated in order, plus height, width, pixels_per_step and the first file's meta.
+    A file in the step form is read without building its orderings, so the results of a split too large
+    for memory as orderings (ImageNet's) can be summarised."""
+    if not paths:
+        raise ValueError("no backward-selection result files given")
+    parts = []
+    for path in paths:
+        with np.load(path, allow_pickle=False) as z:  # reads only the arrays asked for
+            if "removal_step" in z.files:
+                parts.append({key: z[key] for key in (*keys, *RESULT_SCALARS) if key in z.files})
+                continue
+        result = BackSelectResult.load(path)
+        arrays = result.to_arrays(steps=True)
+        parts.append({key: arrays[key] for key in (*keys, *RESULT_SCALARS)})
+    shapes = {tuple(int(part[key]) for key in RESULT_SCALARS[:3]) for part in parts}
+    if len(shapes) != 1:
+        raise ValueError(f"the result files {[str(p) for p in paths]} disagree on image size or pixels per step: "
+                         f"{sorted(shapes)}")
+    height, width, pixels_per_step = shapes.pop()
+    arrays = {key: np.concatenate([part[key] for part in parts]) for key in keys}
+    meta = json.loads(str(parts[0]["meta"])) if "meta" in parts[0] else {}
+    return {**arrays, "height": height, "width": width, "pixels_per_step": pixels_per_step, "meta": meta}
 
 
 # ----------------------------------------------------------------------------------------------------------
 # SIS and keep-masks from a stored result
 
 
-def _last_at_least(result: BackSelectResult, tau: float) -> np.ndarray:
-    """Position of the last removal after which f is still >= tau; -1 where there is none."""
-    ok = result.values >= tau
-    last = result.num_pixels - 1 - np.argmax(ok[:, ::-1], axis=1)
+def _last_at_least(values: np.ndarray, tau: float) -> np.ndarray:
+    """Per row of ``values``, the last position whose value is still >= tau; -1 where there is none."""
+    ok = values >= tau
+    last = values.shape[1] - 1 - np.argmax(ok[:, ::-1], axis=1)
     return np.where(ok.any(axis=1), last, -1)
+
+
+def sis_size_of_steps(step_values: np.ndarray, full_confidence: np.ndarray, num_pixels: int,
+                      pixels_per_step: int, tau: float) -> np.ndarray:
+    """:func:`sis_size` from f after each step (see :func:`read_step_arrays`)."""
+    removed = np.minimum((_last_at_least(step_values, tau) + 1) * pixels_per_step, num_pixels)
+    size = (num_pixels - removed).astype(np.float64)
+    size[np.asarray(full_confidence) < tau] = np.nan
+    return size
 
 
 def sis_size(result: BackSelectResult, tau: float) -> np.ndarray:
@@ -173,14 +251,13 @@ def sis_size(result: BackSelectResult, tau: float) -> np.ndarray:
     The SIS is the tail of the ordering after the last removal whose value is still >= tau; if even the
     fully masked image reaches tau it is empty, if no removal keeps f >= tau it is the whole image.
     """
-    size = (result.num_pixels - 1 - _last_at_least(result, tau)).astype(np.float64)
-    size[result.full_confidence < tau] = np.nan
-    return size
+    return sis_size_of_steps(result.step_values(), result.full_confidence, result.num_pixels,
+                             result.pixels_per_step, tau)
 
 
 def sis_mask(result: BackSelectResult, tau: float) -> list[np.ndarray | None]:
     """Per image, the (H, W) bool mask of its SIS at ``tau`` (True = in the SIS), None where f(full) < tau."""
-    last = _last_at_least(result, tau)
+    last = _last_at_least(result.values, tau)
     masks: list[np.ndarray | None] = []
     for b in range(len(result)):
         if result.full_confidence[b] < tau:
@@ -197,6 +274,21 @@ def kept_count(num_pixels: int, fraction: float) -> int:
     if not 0 <= fraction <= 1:
         raise ValueError(f"kept fraction must lie in [0, 1], not {fraction}")
     return math.ceil(round(fraction * num_pixels, 9))
+
+
+def last_steps_kept(num_pixels: int, pixels_per_step: int, fraction: float) -> tuple[int, int]:
+    """(first kept step, pixels kept) of the subset of the pixels removed in the last ``fraction`` of the
+    steps (the paper's ImageNet subsets: ceil(0.1 * 895) = 90 steps, 8,901 of 89,401 pixels at 299x299)."""
+    steps = math.ceil(num_pixels / pixels_per_step)
+    first = steps - kept_count(steps, fraction)
+    return first, num_pixels - first * pixels_per_step
+
+
+def keep_last_steps(removal_step: np.ndarray, pixels_per_step: int, fraction: float) -> np.ndarray:
+    """(B, H*W) bool keep-mask (True = kept) of the pixels removed in the last ``fraction`` of the steps, from
+    the removal steps alone."""
+    first, _ = last_steps_kept(removal_step.shape[1], pixels_per_step, fraction)
+    return removal_step >= first
 
 
 def keep_last(result: BackSelectResult, n: int | None = None, fraction: float | None = None) -> np.ndarray:

@@ -116,7 +116,7 @@ rule imagenet_bs_subsets:
     params:
         fraction=IN_FRACTION,
     shell:
-        "python -m overinterp imagenet-subsets --train-shards {input.train} --val-shards {input.val} "
+        "python -m overinterp subsets backselect --by steps --sis-train {input.train} --sis-test {input.val} "
         "--fraction {params.fraction} --out {output} 2> {log}"
 
 
@@ -201,19 +201,22 @@ rule imagenet_evaluate:
 
 rule imagenet_sis_sizes:
     input:
-        lambda w: in_shards(w.arch, "val"),
+        shards=lambda w: in_shards(w.arch, "val"),
+        predictions="results/imagenet/eval/{arch}/full.csv",
     output:
-        sizes="results/imagenet/sis-sizes/{arch}.csv",
-        summary="results/imagenet/sis-sizes/{arch}.json",
+        per_image="results/imagenet/sis-sizes/{arch}.csv",
+        summary=multiext("results/imagenet/sis-sizes/{arch}-summary", ".csv", ".md"),
     log:
         "logs/imagenet/sis-sizes/{arch}.log",
     conda:
         "../../envs/overinterp.yaml"
     params:
         tau=IMAGENET["sis"]["threshold"],
+        folder=lambda w, output: Path(output.per_image).parent,
+        summary=lambda w, output: output.summary[0].removesuffix(".csv"),
     shell:
-        "python -m overinterp imagenet-sis-sizes --shards {input} --tau {params.tau} --out {output.sizes} "
-        "--summary {output.summary} 2> {log}"
+        "python -m overinterp tables sis-sizes --tau {params.tau} --entry {wildcards.arch} {input.shards} {input.predictions} "
+        "--per-image-dir {params.folder} --summary {params.summary} 2> {log}"
 
 
 rule imagenet_report:

@@ -69,7 +69,7 @@ def imagenet_outputs():
         "results/tables/imagenet.html",
         "results/figures/imagenet-accuracy.png",
         "results/figures/imagenet-confidence.png",
-    ] + [f"results/imagenet/sis-sizes/{arch}.json" for arch in IN_ARCHS]
+    ] + [f"results/imagenet/sis-sizes/{arch}-summary.md" for arch in IN_ARCHS]
 
 
 def in_evaluation_inputs(w):
