@@ -1,6 +1,7 @@
 # Overinterpretation in image classifiers (Carter et al., NeurIPS 2021), end to end.
 #   snakemake --cores N                              the paper's CIFAR-10 experiment (config/config.yaml)
 #   snakemake --cores N --configfile config/quick.yaml   every stage at reduced scale
+#   snakemake --cores N --configfile config/imagenet.yaml --config dataset='{root: ...}'   the ImageNet experiment
 #   snakemake --cores N --configfile config/audit.yaml   audit a trained classifier (see README)
 from snakemake.utils import min_version
 
@@ -28,13 +29,6 @@ include: "workflow/rules/humaneval.smk"
 include: "workflow/rules/figures.smk"
 include: "workflow/rules/mitigation.smk"
 include: "workflow/rules/audit.smk"
-
-
-# The ImageNet half, on the user's own copy (config/imagenet.yaml).
-if config["imagenet"]["enabled"]:
-
-    include: "workflow/rules/imagenet_common.smk"
-    include: "workflow/rules/imagenet.smk"
 
 
 rule all:

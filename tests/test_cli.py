@@ -64,7 +64,9 @@ def test_train_help_lists_architectures_and_recipe_keys():
     assert build_parser("train").parse_args(["train", "--data", "d", "--arch", "resnet20", "--out", "o",
                                              "--metrics", "m"]).arch == "resnet20"  # old names still work
     bad = run("train", "--data", "d", "--arch", "resnet9000", "--out", "o", "--metrics", "m")
-    assert bad.returncode == 2 and "invalid choice" in bad.stderr
+    assert bad.returncode == 2 and "unknown architecture 'resnet9000'" in bad.stderr and "torchvision:NAME" in bad.stderr
+    assert build_parser("train").parse_args(["train", "--data", "d", "--arch", "torchvision:resnet18", "--out", "o",
+                                             "--metrics", "m"]).arch == "torchvision:resnet18"
 
 
 def _parsers(parser, path=()):

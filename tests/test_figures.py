@@ -18,7 +18,7 @@ from overinterp.cli import main
 from overinterp.data import Normalizer, load_split
 from overinterp.evaluate import predict
 from overinterp.models import build_model, load_model, save_model
-from overinterp.sis import BackSelectResult, sis_mask
+from overinterp.sis import BackSelectResult, read_step_arrays, sis_mask
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -169,11 +169,14 @@ def test_confidence_curves(tmp_path):
     assert main(["figures", "confidence-curves", *paths, "--tau", "0.9", "--out", str(tmp_path / "conf")]) == 0
     assert_figure_files(tmp_path / "conf")
     result = backselect_result(5, 0, np.full(5, 0.8))
-    fig = figures.confidence_curves([("a", result), ("b", result), ("c", result)], tmp_path / "c3", 0.9)
+    result.save(tmp_path / "five.npz", steps=True)
+    arrays = read_step_arrays([tmp_path / "five.npz"], ("full_confidence", "step_values"))
+    fig = figures.confidence_curves([("a", arrays), ("b", arrays), ("c", arrays)], tmp_path / "c3", 0.9)
     assert len(fig.axes) == 6  # per model: the whole ordering and the last removals
     mean_line = fig.axes[0].lines[0]
     assert mean_line.get_ydata()[0] == pytest.approx(0.8)  # starts at f of the full image
     assert mean_line.get_ydata()[-1] == pytest.approx(result.values[:, -1].mean())
+    assert mean_line.get_xdata()[-1] == 1.0 and len(mean_line.get_xdata()) == result.num_steps + 1
 
 
 def test_sis_size_figure_from_the_analysis_tables(tmp_path):
@@ -342,7 +345,7 @@ def test_the_report_opens_with_the_headline_in_a_browser(smoke_run, browser):
     assert "this run's results" in text and "Key numbers" in text and "Table 1: 5% of the pixels kept" in text
     assert f"{100 * full.accuracy_mean:.1f}% ± {100 * full.accuracy_std:.1f} test accuracy on full images" in text
     assert f"backward selection: {100 * bs.accuracy_mean:.1f}% ± {100 * bs.accuracy_std:.1f}" in text
-    assert "tiny trained for 2 epochs on 200 training images of CIFAR-10 (seeds 0, 1) and tested on 100" in text
+    assert "tiny trained for 2 epochs on 200 training images of CIFAR-10 (seeds 0, 1); tested on 100" in text
     assert "SIS sizes of tiny-s0 at τ = 0.1" in text and "tiny-dropout-s0" not in text.split("Table 1")[0]
     assert "{'" not in text  # no configuration dict on the front page
     for name in ("table1", "sis_sizes"):

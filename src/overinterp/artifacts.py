@@ -40,9 +40,9 @@ DATA_FILES = ("data/cifar10/cifar-10-python.tar.gz", "data/cifar10/cifar10.npz")
 RESPONSES_DIR = "data/humaneval/responses"  # people's answers: never published unless asked for
 # The code whose uncommitted changes would make published results disagree with every commit.
 CODE_PATHS = ("Snakefile", "workflow", "src", "config", "envs", "profiles", "pyproject.toml")
-# Folders of results, each published as a whole: results/<name>/, results/imagenet/<name>/ for the
-# ImageNet half of the study, results/audit/<name>/ for audits (their orderings in results/audit/sis).
-RESULT_ROOTS = ("results", "results/imagenet", "results/audit")
+# Folders of results, each published as a whole: results/<name>/, results/audit/<name>/ for audits (their
+# orderings in results/audit/sis).
+RESULT_ROOTS = ("results", "results/audit")
 # Results that cost GPU time; cheaper ones (evaluations, tables, figures) are rebuilt after a pull
 # unless a heavy result was computed from them.
 HEAVY_DIRS = tuple(f"{root}/{name}" for root in RESULT_ROOTS for name in ("models", "sis", "subsets", "retrain"))

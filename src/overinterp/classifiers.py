@@ -2,7 +2,7 @@
 
 :func:`load_classifier` accepts
 
-* a model file of this pipeline (``overinterp train``, ``imagenet-model``, ``ensemble``);
+* a model file of this pipeline (``overinterp train``, ``model``, ``ensemble``);
 * an architecture name with ``weights``: one of the project's (``cifar_resnet20``, ``cifar_resnet18``,
   ``cifar_vgg16_bn``, ``tiny``, ``efficientnet_lite0``, ...) with a state-dict file, or ``torchvision:NAME``
   with a torchvision weights name (``IMAGENET1K_V1``) or a state-dict file;
@@ -34,7 +34,8 @@ from torch import nn
 
 from .data import CIFAR10_MEAN, CIFAR10_STD
 from .efficientnet_lite import IMAGENET_MEAN, IMAGENET_STD
-from .models import ARCHITECTURES, CIFAR_ARCHITECTURES, DEPRECATED_NAMES, build_model, canonical_arch, load_model
+from .models import (ARCHITECTURES, AUXILIARY_HEADS, CIFAR_ARCHITECTURES, DEPRECATED_NAMES, build_model,
+                     canonical_arch, load_model, save_model, torchvision_network)
 from .sis import ShiftedInput
 from .utils import CodeInFileError, DataError, load_torch
 
@@ -178,29 +179,34 @@ def _torchvision(name: str, weights: str | None, num_classes: int | None) -> Cla
                         "or a state-dict file")
     if Path(weights).expanduser().exists() or Path(weights).suffix in (".pt", ".pth"):
         # A state dict of the user's (fine-tuned, own classes): the head takes the dataset's class count.
-        module = tvm.get_model(name, weights=None, **({"num_classes": num_classes} if num_classes else {}))
+        module = torchvision_network(name, num_classes)
         normalize, frame = (IMAGENET_MEAN, IMAGENET_STD), None
-        load_state_dict(module, _read_state_dict(_existing(weights)), f"{weights} for torchvision:{name}")
+        state = _read_state_dict(_existing(weights))
+        load_state_dict(module, without_auxiliary_heads(name, state), f"{weights} for torchvision:{name}")
     else:
         try:
             entry = tvm.get_model_weights(name)[weights]
         except KeyError:
             names = ", ".join(w.name for w in tvm.get_model_weights(name))
             raise DataError(f"torchvision:{name} has no weights {weights!r}; it has {names}") from None
-        module = tvm.get_model(name, weights=None)
-        try:
-            state = entry.get_state_dict(progress=True, check_hash=True)
+        try:  # built by torchvision with its weights, so that it takes the inputs they were trained with
+            module = tvm.get_model(name, weights=entry)
         except OSError as err:  # URLError is an OSError
             cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(entry.url).name
             raise DataError(f"Cannot fetch torchvision:{name} {weights} from {entry.url} ({err}). Offline, copy "
                             f"the file to {cache} (the torch hub cache; TORCH_HOME moves it), or pass a "
                             "state-dict file as --weights.") from err
-        module.load_state_dict(state)
         transform = entry.transforms()
         normalize = (tuple(transform.mean), tuple(transform.std))
         frame = (int(transform.resize_size[0]), int(transform.crop_size[0]))
     return Classifier(module, f"torchvision:{name} ({weights})", normalize, frame, "logits",
                       {"arch": f"torchvision:{name}", "weights": str(weights)})
+
+
+def without_auxiliary_heads(name: str, state: dict) -> dict:
+    """``state`` without the auxiliary classifier of torchvision's ``name`` (see models.AUXILIARY_HEADS)."""
+    heads = AUXILIARY_HEADS.get(name, ())
+    return {k: v for k, v in state.items() if not k.startswith(heads)}
 
 
 def _factory(spec: str, weights: str | None) -> Classifier:
@@ -316,3 +322,64 @@ def probe_output(classifier: Classifier, x: torch.Tensor, num_classes: int) -> t
         classifier.output = "probabilities" if probabilities else "logits"
         log.info("%s returns %s (detected; --output overrides)", classifier.source, classifier.output)
     return out
+
+
+# ------------------------------------------------------------------------------------------------------------
+# `overinterp model`: a pretrained classifier as a model file of this pipeline, for the workflow's stages
+
+
+def pretrained_model_file(model: str, weights: str | None, out, data: str, normalize: Normalization) -> dict:
+    """Write ``model`` (an architecture of this project or ``torchvision:NAME`` with ``weights``) as a model
+    file of this pipeline for the dataset file ``data``: its classes, frame and the normalisation the
+    workflow feeds it (``normalize``), checked by a forward pass. Returns the file's meta."""
+    from .data import load_split
+
+    split = load_split(data, "test")
+    classes = list(split.classes)
+    classifier = load_classifier(model, weights, len(classes))
+    arch = classifier.meta.get("arch")
+    if not (str(arch).startswith("torchvision:") or arch in ARCHITECTURES):
+        raise DataError(f"{classifier.source} cannot be stored as a model file of this pipeline (the stages rebuild "
+                        "a model from its architecture name); give one of the project's architectures or "
+                        "torchvision:NAME with its weights, or audit it as it is with `overinterp audit`")
+    state = classifier.module.state_dict()
+    if arch.startswith("torchvision:"):
+        state = without_auxiliary_heads(arch.removeprefix("torchvision:"), state)
+    module = build_model(arch, num_classes=len(classes))
+    load_state_dict(module, state, f"{model} ({weights})")
+    module.eval()
+    probe = Classifier(module, classifier.source, normalize, output="logits")
+    probe_output(probe, probe.model_inputs(split.images[:2]), len(classes))
+    if classifier.normalize not in ("unknown", None) and not all(
+            abs(a - b) < 1e-3 for given, own in zip(normalize, classifier.normalize) for a, b in zip(given, own)):
+        log.warning("%s was trained with mean %s, std %s; the workflow normalises with mean %s, std %s "
+                    "(config `normalization`)", classifier.source, *classifier.normalize, *normalize)
+    meta = {"pretrained": {"model": model, "weights": str(weights)}, "num_classes": len(classes),
+            "classes": classes, "resize": split.frame[0], "crop": split.frame[1],
+            "normalize": {"mean": list(normalize[0]), "std": list(normalize[1])}}
+    save_model(out, module, arch, **meta)
+    return meta
+
+
+def add_commands(subparsers) -> None:
+    from .data import add_normalization_arguments
+
+    p = subparsers.add_parser("model", help="a pretrained classifier as a model file for the workflow's stages")
+    p.add_argument("--model", required=True,
+                   help="one of the project's architectures or torchvision:NAME (the stages rebuild it by name)")
+    p.add_argument("--weights", default=None,
+                   help="a state-dict file, or a torchvision weights name (IMAGENET1K_V1) for torchvision:NAME")
+    p.add_argument("--data", required=True, help="the dataset file (.npz) the model is for: its classes and frame")
+    add_normalization_arguments(p)
+    p.add_argument("--out", required=True, help="model file (.pt)")
+    p.set_defaults(handler=run_model)
+
+
+def run_model(args) -> int:
+    from .data import normalizer_from_args
+
+    normalizer = normalizer_from_args(args)
+    normalize = (tuple(normalizer.mean.flatten().tolist()), tuple(normalizer.std.flatten().tolist()))
+    meta = pretrained_model_file(args.model, args.weights, args.out, args.data, normalize)
+    print(f"{args.out}: {args.model} ({args.weights}), {meta['num_classes']} classes, {meta['crop']}x{meta['crop']}")
+    return 0

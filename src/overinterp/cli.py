@@ -16,23 +16,21 @@ from .utils import DataError
 # Subcommand -> the module that defines it. Only that module is imported for a run (the whole set costs
 # seconds of imports, paid by every job of the workflow); help and unknown commands load all of them.
 COMMANDS = {
-    "download": "data_commands", "convert": "data_commands", "ensemble": "models", "train": "train",
+    "download": "data_commands", "convert": "data_commands", "ensemble": "models", "model": "classifiers",
+    "train": "train",
     "evaluate": "evaluate", "sis": "sis_commands", "sis-merge": "sis_commands", "sis-agreement": "sis_commands",
     "sis-agreement-table": "sis_commands", "subsets": "subsets", "tables": "analysis", "figures": "figures",
     "humaneval": "humaneval", "publish": "artifacts", "pull": "artifacts", "audit": "audit", "watch": "progress",
-    **{f"imagenet-{name}": "imagenet_commands" for name in (
-        "index", "model", "train", "evaluate", "sis", "random-subsets", "report")},
 }
 OPTIONS_WITH_VALUES = {"--log-level", "--threads"}
 # The subcommands by stage, in pipeline order, for `overinterp --help`.
 STAGES = {
     "data": ["download", "convert"],
-    "models": ["train", "ensemble", "evaluate"],
+    "models": ["train", "model", "ensemble", "evaluate"],
     "backward selection (SIS)": ["sis", "sis-merge", "sis-agreement", "sis-agreement-table"],
     "pixel subsets": ["subsets"],
     "tables and figures": ["tables", "figures"],
     "human evaluation": ["humaneval"],
-    "ImageNet": [name for name in COMMANDS if name.startswith("imagenet-")],
     "audit your own model": ["audit"],
     "sharing results (DVC)": ["publish", "pull"],
     "running the workflow": ["watch"],

@@ -1,4 +1,5 @@
-"""CIFAR-10: download with checksum, conversion to the pipeline's array file, loading and normalisation."""
+"""The dataset file every stage reads: CIFAR-10's download with checksum and conversion, loading a split
+(from arrays in the file, or streamed from the image files it lists), normalisation and masking."""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +8,7 @@ import pickle
 import tarfile
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .utils import DataError, atomic_path, load_npz, save_npz
+from .utils import CorruptFileError, DataError, atomic_path, load_npz, save_npz
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -147,11 +149,85 @@ def convert(archive: str | Path, dest: str | Path) -> Path:
     return dest
 
 
+Frame = tuple[int, int]  # (resize: shorter side, crop: centre square)
+
+
+def check_image(path: Path) -> str | None:
+    """None if ``path`` decodes, else the reason. A draft decode reads the whole file at 1/8 scale: cheap,
+    and it still fails on truncated or corrupt JPEGs."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.draft("RGB", (64, 64))
+            image.load()
+    except Exception as err:  # PIL raises many types for damaged files
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def check_images(paths: list[Path], folder: Path, workers: int = 8, desc: str | None = None) -> None:
+    """Decode every file of ``paths``; a DataError lists the ones that are not readable images."""
+    from tqdm import tqdm
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        reasons = list(tqdm(pool.map(check_image, paths), total=len(paths), desc=desc, disable=desc is None))
+    bad = [(p, r) for p, r in zip(paths, reasons) if r is not None]
+    if bad:
+        listing = "\n".join(f"  {p}: {r}" for p, r in bad[:20])
+        more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
+        raise DataError(f"{len(bad)} file(s) in {folder} are not readable images; replace or remove them:\n"
+                        f"{listing}{more}")
+
+
+def load_frame(path: Path, frame: Frame | None) -> torch.Tensor:
+    """uint8 (3, crop, crop): shorter side resized to ``resize``, centre crop ``crop`` (the image as it is
+    when ``frame`` is None)."""
+    import torchvision.transforms.v2.functional as TF
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            pixels = TF.pil_to_tensor(image.convert("RGB"))
+    except Exception as err:
+        raise DataError(f"Cannot read image {path} ({type(err).__name__}: {err}); replace or remove it.") from err
+    if frame is None:
+        return pixels
+    resize, crop = frame
+    return TF.center_crop(TF.resize(pixels, resize, antialias=True), crop)
+
+
+class FolderImages:
+    """A split's images read from their files when indexed, at the dataset's frame: (N, 3, crop, crop) uint8
+    like an in-memory split, for datasets too large for memory (ImageNet's 1.28M training images)."""
+
+    def __init__(self, root: Path, files: np.ndarray, frame: Frame, workers: int = 8):
+        self.root, self.files, self.frame, self.workers = Path(root), np.asarray(files), frame, workers
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (len(self.files), 3, self.frame[1], self.frame[1])
+
+    def load(self, position: int) -> torch.Tensor:
+        return load_frame(self.root / str(self.files[position]), self.frame)
+
+    def __getitem__(self, rows) -> torch.Tensor:
+        """The images at ``rows`` (positions: an int array or tensor, or a slice), decoded in threads."""
+        positions = np.arange(len(self))[rows] if isinstance(rows, slice) else np.asarray(rows).reshape(-1)
+        if not len(positions):
+            return torch.zeros(0, *self.shape[1:], dtype=torch.uint8)
+        with ThreadPoolExecutor(max(1, self.workers)) as pool:
+            return torch.stack(list(pool.map(self.load, positions.tolist())))
+
+
 @dataclass
 class Split:
     """One split of the dataset as uint8 NCHW images; ``index`` maps rows back to the converted file."""
 
-    images: torch.Tensor
+    images: torch.Tensor | FolderImages
     labels: torch.Tensor
     index: np.ndarray
     classes: list[str]
@@ -162,27 +238,31 @@ class Split:
 
 
 def balanced_subset(labels: np.ndarray, size: int | None, what: str = "the split") -> np.ndarray:
-    """Indices of the first ``size // classes`` images of each class (all when size is None), sorted.
+    """Indices of the first ``size // classes`` images of each class present (all when size is None), sorted.
     A split too small for ``size`` is refused rather than used as it is."""
     if size is None:
         return np.arange(len(labels))
-    num_classes = int(labels.max()) + 1
+    present = np.unique(labels)  # ImageNet's labels are the 1k indices, a partial copy holds some of them
+    num_classes = len(present)
     if size % num_classes:
         raise DataError(f"subset size {size} of {what} must be a multiple of the number of classes ({num_classes})")
     per_class = size // num_classes
-    counts = np.bincount(labels, minlength=num_classes)
+    counts = np.bincount(labels)[present]
     if size > len(labels) or counts.min() < per_class:
         raise DataError(
             f"{what} has {len(labels)} images ({counts.min()} in its smallest class) but a class-balanced subset "
             f"of {size} ({per_class} per class) was asked for. Lower dataset.train_size/test_size to at most "
             f"{counts.min() * num_classes}, or set it to null to use every image.")
-    picks = [np.flatnonzero(labels == c)[:per_class] for c in range(num_classes)]
+    picks = [np.flatnonzero(labels == c)[:per_class] for c in present]
     return np.sort(np.concatenate(picks))
 
 
 # What `convert` writes: uint8 NCHW images of one size for both splits, labels, class names; and, for an image
-# folder, ``frame`` (resize, crop) the images were brought to (CIFAR-10's are 32x32 as published).
+# folder, ``frame`` (resize, crop) the images were brought to (CIFAR-10's are 32x32 as published). A streamed
+# dataset file (`convert --stream`) lists the image files instead: ``{split}_files`` (paths relative to
+# ``root``) with their labels, ``classes``, ``root`` and ``frame``; its images are read when a stage needs them.
 DATASET_ARRAYS = ("train_images", "train_labels", "test_images", "test_labels", "classes")
+STREAMED_ARRAYS = ("train_files", "train_labels", "test_files", "test_labels", "classes", "root", "frame")
 
 
 def validate_dataset(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -194,21 +274,31 @@ def validate_dataset(path: Path, arrays: dict[str, np.ndarray]) -> None:
     classes = arrays["classes"]
     if classes.ndim != 1 or classes.dtype.kind not in "US" or len(classes) < 2:
         raise bad("classes", f"should be a 1-D array of class names, has shape {classes.shape} and dtype {classes.dtype}")
+    if "train_files" in arrays:
+        for split in ("train", "test"):
+            files, labels = arrays[f"{split}_files"], arrays[f"{split}_labels"]
+            if files.ndim != 1 or files.dtype.kind not in "US" or len(files) != len(labels):
+                raise bad(f"{split}_files", f"should list one file per label ({len(labels)}), has shape {files.shape}")
+        if arrays["frame"].shape != (2,):
+            raise bad("frame", f"should be (resize, crop), has shape {arrays['frame'].shape}")
     for split in ("train", "test"):
-        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        labels = arrays[f"{split}_labels"]
+        if labels.ndim != 1 or labels.dtype.kind not in "iu":
+            raise bad(f"{split}_labels", f"should be 1-D integer labels, has shape {labels.shape} and dtype {labels.dtype}")
+        if len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
+            raise bad(f"{split}_labels", f"has labels {labels.min()}..{labels.max()} outside 0..{len(classes) - 1}, "
+                                         f"the {len(classes)} classes")
+        if "train_files" in arrays:
+            continue
+        images = arrays[f"{split}_images"]
         if images.dtype != np.uint8:
             raise bad(f"{split}_images", f"has dtype {images.dtype}, expected uint8 pixel values 0..255")
         shape = (3, *arrays["train_images"].shape[2:])
         if images.ndim != 4 or images.shape[1:] != shape or shape[1] < 1 or shape[2] < 1:
             raise bad(f"{split}_images", f"has shape {images.shape}, expected (N, 3, H, W) with the training "
                                          f"images' H and W")
-        if labels.ndim != 1 or labels.dtype.kind not in "iu":
-            raise bad(f"{split}_labels", f"should be 1-D integer labels, has shape {labels.shape} and dtype {labels.dtype}")
         if len(labels) != len(images):
             raise bad(f"{split}_labels", f"has {len(labels)} labels for {len(images)} images in {split}_images")
-        if len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
-            raise bad(f"{split}_labels", f"has labels {labels.min()}..{labels.max()} outside 0..{len(classes) - 1}, "
-                                         f"the {len(classes)} classes")
 
 
 def load_split(path: str | Path, split: str, size: int | None = None) -> Split:
@@ -218,10 +308,17 @@ def load_split(path: str | Path, split: str, size: int | None = None) -> Split:
     path = Path(path)
     if not path.exists():
         raise DataError(f"Dataset file {path} is missing. Run the workflow's data rules (or `dvc pull`).")
-    arrays = load_npz(path, required=DATASET_ARRAYS)
+    arrays = load_npz(path)
+    missing = [name for name in (STREAMED_ARRAYS if "train_files" in arrays else DATASET_ARRAYS) if name not in arrays]
+    if missing:
+        raise CorruptFileError(path, f"the arrays {', '.join(missing)} are missing")
     validate_dataset(path, arrays)
     labels = arrays[f"{split}_labels"].astype(np.int64)
     index = balanced_subset(labels, size, f"the {split} split of {path}")
+    if "train_files" in arrays:
+        frame = tuple(int(v) for v in arrays["frame"])
+        return Split(FolderImages(Path(str(arrays["root"])), arrays[f"{split}_files"][index], frame),
+                     torch.from_numpy(labels[index]), index, [str(c) for c in arrays["classes"]], frame)
     return Split(
         images=torch.from_numpy(arrays[f"{split}_images"][index]),
         labels=torch.from_numpy(labels[index]),

@@ -17,6 +17,9 @@ def add_commands(subparsers) -> None:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--archive", help="cifar-10-python.tar.gz")
     source.add_argument("--folder", help="an image folder ROOT/<split>/<class>/<images> (any format Pillow reads)")
+    p.add_argument("--imagenet", action="store_true",
+                   help="--folder: an ImageNet copy: class folders must be ImageNet-1k wnids, labels are the canonical "
+                        "1k indices (so pretrained networks line up), whatever classes the copy holds")
     p.add_argument("--test-split", default="test", help="--folder: the split folder to test on (e.g. val)")
     p.add_argument("--resize", type=int, default=None,
                    help="--folder: shorter side before the centre crop (default: the crop)")
@@ -25,6 +28,9 @@ def add_commands(subparsers) -> None:
                         "must then share one size)")
     p.add_argument("--classes", default=None,
                    help="--folder: comma-separated class order (default: sorted folder names)")
+    p.add_argument("--stream", action="store_true",
+                   help="--folder: list the image files instead of storing the images; every stage reads them "
+                        "from the folder when it needs them (for datasets too large for memory; needs --crop)")
     p.add_argument("--workers", type=int, default=8, help="--folder: threads decoding images")
     p.add_argument("--out", required=True, help="the pipeline's dataset file (.npz)")
     p.set_defaults(handler=run_convert)
@@ -34,12 +40,15 @@ def run_convert(args) -> int:
     if args.archive:
         data.convert(args.archive, args.out)
         return 0
-    from .datasets import ImageFolder, write_dataset_file
+    from .datasets import ImageFolder, ImageNet, write_dataset_file
 
     if args.resize and not args.crop:
         raise data.DataError("--resize needs --crop: the centre crop is the models' input size")
     frame = (args.resize or args.crop, args.crop) if args.crop else None
     classes = args.classes.split(",") if args.classes else None
-    folder = ImageFolder(args.folder, frame, classes, workers=args.workers)
-    print(json.dumps(write_dataset_file(folder, args.out, args.test_split)))
+    if args.imagenet and classes:
+        raise data.DataError("--imagenet fixes the classes (the 1k wnids in canonical order); drop --classes")
+    folder = (ImageNet(args.folder, frame, workers=args.workers) if args.imagenet
+              else ImageFolder(args.folder, frame, classes, workers=args.workers))
+    print(json.dumps(write_dataset_file(folder, args.out, args.test_split, args.stream)))
     return 0

@@ -28,12 +28,9 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
-from .data import CIFAR10_MEAN, CIFAR10_STD, load_split
+from .data import CIFAR10_MEAN, CIFAR10_STD, Frame, check_images, load_frame, load_split
 from .efficientnet_lite import IMAGENET_MEAN, IMAGENET_STD
 from .utils import DataError
-
-Frame = tuple[int, int]  # (resize: shorter side, crop: centre square)
-
 
 @dataclass
 class ImageSet:
@@ -61,46 +58,6 @@ def imagenet_class_names() -> tuple[str, ...]:
     from torchvision.models import ResNet50_Weights
 
     return tuple(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
-
-
-def check_image(path: Path) -> str | None:
-    """None if ``path`` decodes, else the reason. A draft decode reads the whole file at 1/8 scale: cheap,
-    and it still fails on truncated or corrupt JPEGs."""
-    try:
-        with Image.open(path) as image:
-            image.draft("RGB", (64, 64))
-            image.load()
-    except Exception as err:  # PIL raises many types for damaged files
-        return f"{type(err).__name__}: {err}"
-    return None
-
-
-def check_images(paths: list[Path], folder: Path, workers: int = 8, desc: str | None = None) -> None:
-    """Decode every file of ``paths``; a DataError lists the ones that are not readable images."""
-    from tqdm import tqdm
-
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        reasons = list(tqdm(pool.map(check_image, paths), total=len(paths), desc=desc, disable=desc is None))
-    bad = [(p, r) for p, r in zip(paths, reasons) if r is not None]
-    if bad:
-        listing = "\n".join(f"  {p}: {r}" for p, r in bad[:20])
-        more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
-        raise DataError(f"{len(bad)} file(s) in {folder} are not readable images; replace or remove them:\n"
-                        f"{listing}{more}")
-
-
-def load_frame(path: Path, frame: Frame | None) -> torch.Tensor:
-    """uint8 (3, crop, crop): shorter side resized to ``resize``, centre crop ``crop`` (the image as it is
-    when ``frame`` is None)."""
-    try:
-        with Image.open(path) as image:
-            pixels = TF.pil_to_tensor(image.convert("RGB"))
-    except Exception as err:
-        raise DataError(f"Cannot read image {path} ({type(err).__name__}: {err}); replace or remove it.") from err
-    if frame is None:
-        return pixels
-    resize, crop = frame
-    return TF.center_crop(TF.resize(pixels, resize, antialias=True), crop)
 
 
 def class_balanced(labels: np.ndarray, limit: int | None, num_classes: int) -> np.ndarray:
@@ -279,15 +236,42 @@ class ImageNet(ImageFolder):
         return {w: i for i, w in enumerate(wnids())}
 
 
-def write_dataset_file(dataset: Dataset, out: str | Path, test_split: str = "test") -> dict:
+def write_dataset_file(dataset: Dataset, out: str | Path, test_split: str = "test", stream: bool = False) -> dict:
     """The workflow's dataset file (see :mod:`overinterp.data`) from an image-folder adapter: its ``train`` and
-    ``test_split`` splits at its frame, in memory; returns the images per split. Every later stage reads it."""
+    ``test_split`` splits at its frame; returns the images per split. Every later stage reads it.
+
+    ``stream`` lists the files instead of holding the images (every file is decoded once here, so that a
+    damaged one is named now, not days into a run): for datasets too large for memory."""
     from .data import validate_dataset
     from .utils import save_npz
 
     if "train" not in dataset.splits or test_split not in dataset.splits:
         raise DataError(f"{dataset.name} at {getattr(dataset, 'root', '?')} has the splits {', '.join(dataset.splits)}; "
                         f"the workflow needs 'train' and {test_split!r} (set dataset.test_split to the one to test on)")
+    if stream:
+        if dataset.frame is None:
+            raise DataError("a streamed dataset needs its frame: set dataset.crop (and dataset.resize), the models' "
+                            "input size")
+        listed, classes = {}, {}
+        for name, split in (("train", "train"), ("test", test_split)):
+            files, labels = dataset.list_files(split)
+            classes[name] = dataset.classes
+            check_images(files, dataset.root / split, dataset.workers, desc=f"check {split} images")
+            listed[name] = (np.array([f.relative_to(dataset.root).as_posix() for f in files]), labels)
+        present = {name: {classes[name][label] for label in np.unique(labels)} for name, (_, labels) in listed.items()}
+        if classes["train"] != classes["test"] or present["train"] != present["test"]:
+            differ = sorted((set(classes["train"]) | present["train"]) ^ (set(classes["test"]) | present["test"]))
+            raise DataError(f"the train and {test_split} folders of {dataset.root} hold different classes "
+                            f"({differ[:5]} in one only); give both the same class folders, or fix the order "
+                            "with dataset.classes")
+        arrays = {"train_files": listed["train"][0], "train_labels": listed["train"][1],
+                  "test_files": listed["test"][0], "test_labels": listed["test"][1],
+                  "classes": np.array(dataset.classes), "root": np.array(str(dataset.root.resolve())),
+                  "frame": np.array(dataset.frame, dtype=np.int64)}
+        validate_dataset(Path(out), arrays)
+        save_npz(out, **arrays)
+        return {"train": len(listed["train"][1]), test_split: len(listed["test"][1]),
+                "classes": len(dataset.classes), "size": [dataset.frame[1]] * 2, "streamed": True}
     train, test = dataset.load("train"), dataset.load(test_split)
     if train.classes != test.classes:
         raise DataError(f"the train and {test_split} folders of {dataset.root} hold different classes "

@@ -54,16 +54,40 @@ def predict_monte_carlo(model: torch.nn.Module, inputs: torch.Tensor, samples: i
     return total / samples
 
 
+def predict_split(model: torch.nn.Module, normalizer, images, keep=None, positions_only: bool = False,
+                  chunk: int = 4096, mc_samples: int = 0, mc_seed: int = 0) -> torch.Tensor:
+    """Softmax probabilities (N, classes) of ``model`` on uint8 ``images`` (a tensor, or a streamed split's
+    :class:`~overinterp.data.FolderImages`) masked by ``keep`` (a bool tensor or
+    :class:`~overinterp.subsets.KeepMasks`), ``chunk`` images at a time, so no split needs to fit in memory
+    as model inputs. ``mc_samples`` averages that many passes with input dropout active."""
+    from .data import model_inputs
+
+    out = []
+    for start in range(0, len(images), chunk):
+        rows = slice(start, start + chunk)
+        inputs = model_inputs(normalizer, images[rows], keep[rows] if keep is not None else None, positions_only)
+        if mc_samples:
+            out.append(predict_monte_carlo(model, inputs, mc_samples, mc_seed + start // chunk))
+        else:
+            out.append(predict(model, inputs))
+    return torch.cat(out) if out else torch.zeros(0)
+
+
 def prediction_table(probs: torch.Tensor, labels: torch.Tensor, index) -> pd.DataFrame:
-    probs, labels = probs.cpu(), labels.cpu()
+    """Per image: prediction, confidence, the label's probability and, with more than 5 classes, whether
+    the label is among the 5 most probable (ImageNet's top-5)."""
+    probs, labels = probs.cpu(), torch.as_tensor(labels).cpu()
     confidence, prediction = probs.max(1)
-    return pd.DataFrame({
+    table = pd.DataFrame({
         "index": index,
         "label": labels.numpy(),
         "prediction": prediction.numpy(),
         "confidence": confidence.numpy(),
         "label_probability": probs.gather(1, labels.view(-1, 1)).squeeze(1).numpy(),
     })
+    if probs.shape[1] > 5:
+        table["top5"] = (probs.topk(5, 1).indices == labels.view(-1, 1)).any(1).numpy()
+    return table
 
 
 def summarize(table: pd.DataFrame, reference: pd.DataFrame | None = None) -> dict:
@@ -74,6 +98,8 @@ def summarize(table: pd.DataFrame, reference: pd.DataFrame | None = None) -> dic
         "accuracy": float((table["prediction"] == table["label"]).mean()),
         "mean_confidence": float(table["confidence"].mean()),
     }
+    if "top5" in table:
+        summary["top5_accuracy"] = float(table["top5"].mean())
     if reference is not None:
         merged = table.merge(reference, on="index", suffixes=("", "_reference"), validate="one_to_one")
         if len(merged) != len(table):
@@ -112,21 +138,14 @@ def add_commands(subparsers) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from .data import model_inputs, normalizer_from_args
+    from .data import normalizer_from_args
+    from .subsets import load_packed_keep_masks
 
     device = resolve_device(args.device)
     split = load_split(args.data, args.split, args.size)
-    keep = None
-    if args.keep_masks:
-        from .subsets import load_keep_masks
-
-        keep = load_keep_masks(args.keep_masks, args.split, split.index)
-    inputs = model_inputs(normalizer_from_args(args), split.images, keep, args.positions_only)
-    model = load_model(args.model, device)
-    if args.mc_samples:
-        probs = predict_monte_carlo(model, inputs, args.mc_samples, args.mc_seed)
-    else:
-        probs = predict(model, inputs)
+    keep = load_packed_keep_masks(args.keep_masks, args.split, split.index) if args.keep_masks else None
+    probs = predict_split(load_model(args.model, device), normalizer_from_args(args), split.images, keep,
+                          args.positions_only, mc_samples=args.mc_samples, mc_seed=args.mc_seed)
     table = prediction_table(probs, split.labels, split.index)
     save_dataframe(args.predictions, table)
     reference = pd.read_csv(args.reference_predictions) if args.reference_predictions else None

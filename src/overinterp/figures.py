@@ -22,7 +22,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 from .analysis import CONDITIONS, readable_table  # noqa: E402
-from .sis import BackSelectResult, sis_mask  # noqa: E402
+from .sis import BackSelectResult, read_step_arrays, sis_mask  # noqa: E402
 from .data import add_normalization_arguments  # noqa: E402
 from .utils import add_device_argument, atomic_path  # noqa: E402
 
@@ -240,20 +240,22 @@ def fraction_sweep_figure(sweep: pd.DataFrame, table: pd.DataFrame | None, prefi
 # Backward selection: confidence along the removals, SIS sizes, SIS examples
 
 
-def confidence_curves(entries: list[tuple[str, BackSelectResult]], prefix, tau: float,
+def confidence_curves(entries: list[tuple[str, dict]], prefix, tau: float,
                       band: tuple[float, float] = (0.1, 0.9), zoom: float = 0.9) -> Figure:
     """Per model (columns), f (the probability of the full-image prediction) against the fraction of
     pixels removed by backward selection: mean, median and the ``band`` quantiles over the images; the
-    lower row zooms into the removals after ``zoom``, where f falls."""
+    lower row zooms into the removals after ``zoom``, where f falls. An entry's arrays are
+    :func:`~overinterp.sis.read_step_arrays`' (full_confidence, step_values)."""
     n = max(len(entries), 1)
     with plt.rc_context(STYLE):
         fig, axes = plt.subplots(2, n, figsize=(min(WIDTH, 2.9 * n + 0.6), 4.6), sharey=True, layout="constrained",
                                  squeeze=False)
         for i, (name, result) in enumerate(entries):
             color = CYCLE[i % len(CYCLE)]
-            # f before any removal, then after each one.
-            values = np.concatenate([result.full_confidence[:, None], result.values], axis=1).astype(float)
-            removed = np.arange(values.shape[1]) / result.num_pixels
+            # f before any removal, then after each step.
+            values = np.concatenate([result["full_confidence"][:, None], result["step_values"]], axis=1).astype(float)
+            pixels = result["height"] * result["width"]
+            removed = np.minimum(np.arange(values.shape[1]) * result["pixels_per_step"], pixels) / pixels
             low, median, high = np.quantile(values, [band[0], 0.5, band[1]], axis=0)
             for ax, xlim in ((axes[0, i], (0, 1)), (axes[1, i], (zoom, 1))):
                 ax.fill_between(removed, low, high, color=color, alpha=0.25, lw=0,
@@ -263,7 +265,7 @@ def confidence_curves(entries: list[tuple[str, BackSelectResult]], prefix, tau: 
                 ax.axhline(tau, color="#555555", lw=0.8, ls=":", label=f"τ = {tau:g}")
                 ax.set(xlim=xlim, ylim=(0, 1.02))
                 _percent_axis(ax, "x")
-            axes[0, i].set_title(f"{name} ({len(result)} test images)")
+            axes[0, i].set_title(f"{name} ({len(values)} test images)")
             axes[1, i].set(xlabel="pixels removed", title=f"last {100 * (1 - zoom):g}% of the removals")
             axes[0, i].legend(loc="lower left", frameon=False)
         for ax in axes[:, 0]:
@@ -609,7 +611,8 @@ def run_fraction_sweep(args) -> int:
 
 
 def run_confidence_curves(args) -> int:
-    confidence_curves([(model, BackSelectResult.load(path)) for model, path in args.entry], args.out, args.tau)
+    keys = ("full_confidence", "step_values")
+    confidence_curves([(model, read_step_arrays([path], keys)) for model, path in args.entry], args.out, args.tau)
     return 0
 
 

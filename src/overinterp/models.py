@@ -163,12 +163,34 @@ class InputDropout(nn.Module):
         return torch.where(drop, torch.full_like(x, self.baseline), x)
 
 
+# torchvision networks with an auxiliary classifier: built without it (subset training uses the main loss
+# only; pretrained weights are stored without it) and, for Inception v3, with torchvision's input transform,
+# which maps ImageNet-normalised inputs to the scaling its pretrained weights expect.
+AUXILIARY_HEADS = {"inception_v3": "AuxLogits.", "googlenet": ("aux1.", "aux2.")}
+
+
+def torchvision_network(name: str, num_classes: int | None = None) -> nn.Module:
+    """torchvision's ``name`` with fresh weights (see ``AUXILIARY_HEADS``)."""
+    import torchvision.models as tvm
+
+    if name not in tvm.list_models():
+        raise ValueError(f"torchvision has no model {name!r}; see torchvision.models.list_models()")
+    options = {"num_classes": num_classes} if num_classes else {}
+    if name in AUXILIARY_HEADS:
+        options.update(aux_logits=False, transform_input=True, init_weights=True)
+    return tvm.get_model(name, weights=None, **options)
+
+
 def build_model(arch: str, input_dropout: float = 0.0, baseline: float = 0.0, num_classes: int | None = None) -> nn.Module:
-    """A fresh ``arch`` with ``num_classes`` outputs (default: 10 for the CIFAR networks, 1,000 for ImageNet's)."""
+    """A fresh ``arch`` with ``num_classes`` outputs (default: 10 for the CIFAR networks, 1,000 for ImageNet's);
+    ``torchvision:NAME`` is torchvision's network of that name."""
     arch = canonical_arch(arch)
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHITECTURES)}")
-    net = ARCHITECTURES[arch]() if num_classes is None else ARCHITECTURES[arch](num_classes)
+    if arch.startswith("torchvision:"):
+        net = torchvision_network(arch.removeprefix("torchvision:"), num_classes)
+    elif arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHITECTURES)} or torchvision:NAME")
+    else:
+        net = ARCHITECTURES[arch]() if num_classes is None else ARCHITECTURES[arch](num_classes)
     if input_dropout > 0:
         net = nn.Sequential(InputDropout(input_dropout, baseline), net)
     return net

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import logging
 import time
 from pathlib import Path
@@ -20,9 +21,9 @@ import torch
 
 from .analysis import readable_table
 from .incremental import EVALUATORS
-from .sis import BackSelect, BackSelectResult, GradientBackSelect, keep_last, kept_count
+from .sis import BackSelect, BackSelectResult, GradientBackSelect, keep_last, kept_count, read_step_arrays
 from .data import add_normalization_arguments
-from .utils import DataError, add_device_argument, resolve_device, save_dataframe
+from .utils import DataError, add_device_argument, resolve_device, save_dataframe, save_npz
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +42,9 @@ def partial_path(out) -> Path:
 
 
 def run_shard(engine, images: torch.Tensor, index: np.ndarray, out, meta: dict,
-              checkpoint_seconds: float = 30.0) -> BackSelectResult:
-    """BackSelect ``images`` (rows ``index`` of the dataset) with ``engine`` and write ``out`` atomically.
+              checkpoint_seconds: float = 30.0, steps: bool = False) -> BackSelectResult:
+    """BackSelect ``images`` (rows ``index`` of the dataset) with ``engine`` and write ``out`` atomically,
+    in the step form with ``steps`` (see :meth:`BackSelectResult.to_arrays`).
 
     Finished images are saved to a partial file beside ``out`` at most every ``checkpoint_seconds``; a
     rerun with the same ``meta`` (which should identify model, images and settings) continues from it.
@@ -69,7 +71,7 @@ def run_shard(engine, images: torch.Tensor, index: np.ndarray, out, meta: dict,
         rows = [done[i] for i in sorted(done)]
         result = BackSelectResult.concatenate(rows)
         result.meta = meta
-        result.save(partial, compressed=False)
+        result.save(partial, compressed=False, steps=steps)
 
     todo = np.array([i for i in range(len(index)) if i not in done], dtype=np.int64)
     last_save = time.monotonic()
@@ -82,35 +84,68 @@ def run_shard(engine, images: torch.Tensor, index: np.ndarray, out, meta: dict,
                 last_save = time.monotonic()
     result = BackSelectResult.concatenate([done[i] for i in range(len(index))])
     result.meta = meta
-    result.save(out)
+    result.save(out, steps=steps)
     partial.unlink(missing_ok=True)
     return result
 
 
-def merge_shards(paths) -> BackSelectResult:
-    """One split's result from all its shard files (any order), checked for completeness and consistency."""
-    shards = [BackSelectResult.load(p) for p in paths]
-    if not shards:
+def _merged_meta(paths, metas: list[dict]) -> tuple[list[int], dict]:
+    """The order of the shards (by shard id) and the merged result's meta, after checking that the shards
+    are complete and made with the same settings."""
+    if not metas:
         raise ValueError("no shard files given to merge")
-    common = [{k: v for k, v in s.meta.items() if k not in PER_SHARD_KEYS} for s in shards]
+    common = [{k: v for k, v in m.items() if k not in PER_SHARD_KEYS} for m in metas]
     for path, c in zip(paths, common):
         differ = sorted(k for k in set(c) | set(common[0]) if c.get(k) != common[0].get(k))
         if differ:
             raise ValueError(f"{path} does not belong with {paths[0]}: their {', '.join(differ)} differ. "
                              "Delete the stale shard files and rerun.")
     count = common[0].get("shards")
-    ids = sorted(s.meta.get("shard", -1) for s in shards)
+    ids = sorted(m.get("shard", -1) for m in metas)
     if count is None or ids != list(range(count)):
         raise ValueError(f"expected shard files 0..{count - 1 if count else '?'} exactly once each, got shard ids {ids}")
-    shards.sort(key=lambda s: s.meta["shard"])
-    merged = BackSelectResult.concatenate(shards)
+    merged = dict(common[0])
+    for key in RUN_KEYS:
+        if any(key in m for m in metas):
+            merged[key] = "; ".join(sorted({str(m.get(key)) for m in metas}))
+    return sorted(range(len(metas)), key=lambda i: metas[i]["shard"]), merged
+
+
+def merge_shards(paths) -> BackSelectResult:
+    """One split's result from all its shard files (any order), checked for completeness and consistency."""
+    shards = [BackSelectResult.load(p) for p in paths]
+    order, meta = _merged_meta(paths, [s.meta for s in shards])
+    merged = BackSelectResult.concatenate([shards[i] for i in order])
     if len(np.unique(merged.index)) != len(merged):
         raise ValueError("the shards overlap: some dataset rows appear in more than one shard")
-    merged.meta = common[0]
-    for key in RUN_KEYS:
-        if any(key in s.meta for s in shards):
-            merged.meta[key] = "; ".join(sorted({str(s.meta.get(key)) for s in shards}))
+    merged.meta = meta
     return merged
+
+
+def merge_step_shards(paths, out) -> None:
+    """:func:`merge_shards` for shards in the step form, without building orderings: ImageNet's 50,000
+    validation images take 9 GB as steps, 36 GB as orderings."""
+    keys = ("index", "target", "full_confidence", "removal_step", "step_values")
+    parts = [read_step_arrays([p], keys) for p in paths]
+    order, meta = _merged_meta(paths, [part["meta"] for part in parts])
+    arrays = {key: np.concatenate([parts[i][key] for i in order]) for key in keys}
+    if len(np.unique(arrays["index"])) != len(arrays["index"]):
+        raise ValueError("the shards overlap: some dataset rows appear in more than one shard")
+    shape = {key: np.int64(parts[0][key]) for key in ("height", "width", "pixels_per_step")}
+    save_npz(out, meta=np.array(json.dumps(meta, sort_keys=True)), **shape, **arrays)
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    try:
+        with np.load(args.shards[0], allow_pickle=False) as first:
+            steps = "removal_step" in first.files
+    except Exception:  # a damaged file: merge_shards names it
+        steps = False
+    if steps:  # in the form its shards have
+        merge_step_shards(args.shards, args.out)
+    else:
+        merge_shards(args.shards).save(args.out)
+    return 0
 
 
 def set_precision(precision: str, device: torch.device) -> dict:
@@ -153,6 +188,9 @@ def add_commands(subparsers) -> None:
     p.add_argument("--shard", type=int, default=0, help="which part of the split, 0..SHARDS-1 (default: 0)")
     p.add_argument("--shards", type=int, default=1, help="parts the split is cut into (default: 1)")
     p.add_argument("--checkpoint-seconds", type=float, default=30.0, help="save finished images this often")
+    p.add_argument("--steps", action="store_true",
+                   help="gradient method: store the step form (each pixel's removal step and f after each step, "
+                        "2 bytes a pixel; the order within a step is dropped), for large images")
     add_normalization_arguments(p)
     add_device_argument(p)
     p.add_argument("--out", required=True, help="result file (.npz)")
@@ -161,7 +199,7 @@ def add_commands(subparsers) -> None:
     p = subparsers.add_parser("sis-merge", help="merge the shard files of one split into one result file")
     p.add_argument("--out", required=True, help="merged result file (.npz)")
     p.add_argument("shards", nargs="+", help="the shard files (.npz), every shard of the split exactly once")
-    p.set_defaults(handler=lambda a: merge_shards(a.shards).save(a.out) or 0)
+    p.set_defaults(handler=run_merge)
 
     p = subparsers.add_parser("sis-agreement", help="per-image agreement of exact and gradient orderings")
     p.add_argument("--exact", required=True, help="exact BackSelect result (.npz)")
@@ -198,7 +236,7 @@ def run_sis(args: argparse.Namespace) -> int:
         "method": args.method, "pixels_per_step": args.pixels_per_step if args.method == "gradient" else 1,
         "split": args.split, "size": args.size, "limit": args.limit, "shard": args.shard, "shards": args.shards,
         "mean": normalizer.mean.flatten().tolist(), "std": normalizer.std.flatten().tolist(),
-        "baseline": normalizer.baseline, "precision": args.precision,
+        "baseline": normalizer.baseline, "precision": args.precision, "storage": "steps" if args.steps else "orders",
         "model_md5": md5sum(args.model),
         "images_sha1": hashlib.sha1(images.numpy().tobytes()).hexdigest(),
     }
@@ -208,7 +246,9 @@ def run_sis(args: argparse.Namespace) -> int:
         meta["evaluator"] = engine.evaluator_for(tuple(images.shape[1:]))
     log.info("%s BackSelect of %d %s images (shard %d of %d) on %s%s", args.method, len(rows), args.split,
              args.shard, args.shards, engine.device, f", {meta['evaluator']}" if "evaluator" in meta else "")
-    run_shard(engine, normalizer(images), split.index[rows], args.out, meta, args.checkpoint_seconds)
+    if args.steps and args.method != "gradient":
+        raise ValueError("--steps stores the gradient method's steps; the exact method removes one pixel a step")
+    run_shard(engine, normalizer(images), split.index[rows], args.out, meta, args.checkpoint_seconds, args.steps)
     return 0
 
 

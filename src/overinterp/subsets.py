@@ -37,9 +37,25 @@ def save_keep_masks(path, height: int, width: int, **splits: tuple[np.ndarray, n
         for name, (index, keep) in splits.items()})
 
 
-def load_packed_keep_masks(path, split: str, expected_index: np.ndarray | None = None) -> tuple[np.ndarray, int, int]:
-    """(packed keep-masks, height, width) of ``split``, checked against the images they belong to: a large
-    split's masks (ImageNet's 1.28M) fit in memory only packed, and are unpacked a batch at a time."""
+class KeepMasks:
+    """A split's keep-masks, packed (1 bit a pixel) and unpacked a batch at a time: ``masks[rows]`` is a
+    (n, 1, H, W) bool tensor. A large split's masks (ImageNet's 1.28M) fit in memory only packed."""
+
+    def __init__(self, bits: np.ndarray, height: int, width: int):
+        self.bits, self.height, self.width = bits, height, width
+
+    def __len__(self) -> int:
+        return len(self.bits)
+
+    def __getitem__(self, rows) -> torch.Tensor:
+        if isinstance(rows, torch.Tensor):
+            rows = rows.cpu().numpy()
+        bits = self.bits[rows].reshape(-1, self.bits.shape[1])
+        return torch.from_numpy(unpack_keep(bits, self.height, self.width)).unsqueeze(1)
+
+
+def load_packed_keep_masks(path, split: str, expected_index: np.ndarray | None = None) -> KeepMasks:
+    """The keep-masks of ``split``, checked against the images they belong to."""
     arrays = load_npz(path, required=("height", "width"))
     if f"{split}_keep" not in arrays or f"{split}_index" not in arrays:
         raise ValueError(f"{path} has no keep-masks for the {split!r} split")
@@ -50,12 +66,12 @@ def load_packed_keep_masks(path, split: str, expected_index: np.ndarray | None =
             f"({len(index)} vs {len(expected_index)} images, or a different subset). Rebuild the subsets "
             "with the same dataset sizes."
         )
-    return arrays[f"{split}_keep"], int(arrays["height"]), int(arrays["width"])
+    return KeepMasks(arrays[f"{split}_keep"], int(arrays["height"]), int(arrays["width"]))
 
 
 def load_keep_masks(path, split: str, expected_index: np.ndarray | None = None) -> torch.Tensor:
     """Keep-masks of ``split`` as a (N, 1, H, W) bool tensor, checked against the images they belong to."""
-    return torch.from_numpy(unpack_keep(*load_packed_keep_masks(path, split, expected_index))).unsqueeze(1)
+    return load_packed_keep_masks(path, split, expected_index)[:]
 
 
 def _random_keep_chunks(num_images: int, num_pixels: int, count: int, seed: int, chunk: int):
@@ -101,7 +117,12 @@ def add_commands(subparsers) -> None:
     r.add_argument("--data", required=True, help="converted dataset (.npz)")
     r.add_argument("--train-size", type=int, default=None, help="class-balanced subset of the training split (default: all)")
     r.add_argument("--test-size", type=int, default=None, help="class-balanced subset of the test split (default: all)")
-    r.add_argument("--fraction", type=float, required=True, help="share of each image's pixels kept, e.g. 0.05")
+    r.add_argument("--fraction", type=float, required=True,
+                   help="share of each image's pixels kept, e.g. 0.05 (or of the steps, with --by steps)")
+    r.add_argument("--by", choices=["pixels", "steps"], default="pixels",
+                   help="steps: as many pixels as a backward-selection subset of the last FRACTION of the gradient "
+                        "method's steps keeps (default: pixels)")
+    r.add_argument("--pixels-per-step", type=int, default=None, help="--by steps: the gradient method's pixels per step")
     r.add_argument("--seed-train", type=int, default=1234, help="seed of the training masks (default: 1234, the reference's)")
     r.add_argument("--seed-test", type=int, default=5678, help="seed of the test masks (default: 5678, the reference's)")
     r.add_argument("--out", required=True, help="keep-mask file (.npz)")
@@ -146,13 +167,18 @@ def run_backselect(args) -> int:
 
 def run_random(args) -> int:
     from .data import load_split
-    from .sis import kept_count
+    from .sis import kept_count, last_steps_kept
+
+    if args.by == "steps" and not args.pixels_per_step:
+        raise ValueError("--by steps needs --pixels-per-step, the gradient method's pixels per step")
 
     splits, shape = {}, None
     for split, size, seed in (("train", args.train_size, args.seed_train), ("test", args.test_size, args.seed_test)):
         data = load_split(args.data, split, size)
         shape = tuple(data.images.shape[2:])
         count = kept_count(shape[0] * shape[1], args.fraction)
+        if args.by == "steps":
+            _, count = last_steps_kept(shape[0] * shape[1], args.pixels_per_step, args.fraction)
         splits[split] = (data.index, random_keep_packed(len(data), shape[0] * shape[1], count, seed))
     save_packed_keep_masks(args.out, *shape, **splits)
     return 0

@@ -11,7 +11,9 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .data import Normalizer, Split, add_normalization_arguments, load_split, model_inputs, normalizer_from_args
-from .evaluate import predict
+from .evaluate import predict_split
 from .models import ARCHITECTURES, DEPRECATED_NAMES, build_model, save_model
 from .utils import add_device_argument, load_torch, resolve_device, save_dataframe, save_torch
 
@@ -61,6 +63,9 @@ class Recipe(FromDict):
     crop_padding: int = 4
     flip: bool = True
     input_dropout: float = 0.0
+    # The ImageNet recipe's random-resized crop instead of the padded crop: a box of min_scale..100% of the
+    # image's area (aspect 3/4..4/3) resized back to the input size; null = none (CIFAR-10's recipe).
+    min_scale: float | None = None
 
 
 class Trainer:
@@ -115,8 +120,29 @@ class Trainer:
             })
 
 
-def augment(x: torch.Tensor, padding: int, flip: bool, fill: float, generator: torch.Generator) -> torch.Tensor:
-    """Random crop (padding filled with ``fill``) and horizontal flip, fresh per image."""
+def random_resized_crop(x: torch.Tensor, min_scale: float, generator: torch.Generator) -> torch.Tensor:
+    """Per image, a box of ``min_scale``..1 of the area with aspect ratio 3/4..4/3 (log-uniform; clipped to
+    the image where it does not fit), resized back to the input size with bilinear sampling: torchvision's
+    RandomResizedCrop for a whole batch on the device."""
+    from torchvision.ops import roi_align
+
+    n, _, h, w = x.shape
+    draw = torch.rand(n, 4, device=x.device, generator=generator, dtype=torch.float32)
+    area = (min_scale + (1 - min_scale) * draw[:, 0]) * h * w
+    ratio = torch.exp(math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * draw[:, 1])
+    box_w = torch.sqrt(area * ratio).clamp(max=w)
+    box_h = torch.sqrt(area / ratio).clamp(max=h)
+    x0, y0 = (w - box_w) * draw[:, 2], (h - box_h) * draw[:, 3]
+    boxes = torch.stack([torch.arange(n, device=x.device, dtype=torch.float32), x0, y0, x0 + box_w, y0 + box_h], 1)
+    return roi_align(x, boxes.to(x.dtype), (h, w), spatial_scale=1.0, sampling_ratio=2, aligned=True)
+
+
+def augment(x: torch.Tensor, padding: int, flip: bool, fill: float, generator: torch.Generator,
+            min_scale: float | None = None) -> torch.Tensor:
+    """Random crop (padding filled with ``fill``), or the random-resized crop with ``min_scale``, and
+    horizontal flip, fresh per image."""
+    if min_scale is not None:
+        x = random_resized_crop(x, min_scale, generator)
     n, _, h, w = x.shape
     if padding:
         padded = F.pad(x, (padding,) * 4, value=fill)
@@ -132,6 +158,33 @@ def augment(x: torch.Tensor, padding: int, flip: bool, fill: float, generator: t
     return x
 
 
+def _batches(split: Split, keep, order: torch.Tensor, batch_size: int, device: torch.device):
+    """(uint8 images, keep-masks or None, labels) on ``device`` for each batch of ``order``.
+
+    An in-memory split is moved to the device once and gathered there; a streamed split's images are read
+    from their files, the next batch while the current one trains."""
+    labels = split.labels.to(device)
+    if isinstance(split.images, torch.Tensor):
+        images = split.images.to(device)
+        keep = keep[:].to(device) if keep is not None else None
+        for batch in order.split(batch_size):
+            yield images[batch], keep[batch] if keep is not None else None, labels[batch]
+        return
+
+    def read(rows):
+        return split.images[rows], keep[rows] if keep is not None else None
+
+    batches = order.cpu().split(batch_size)
+    with ThreadPoolExecutor(1) as reader:
+        pending = reader.submit(read, batches[0]) if batches else None
+        for i, batch in enumerate(batches):
+            images, masks = pending.result()
+            if i + 1 < len(batches):
+                pending = reader.submit(read, batches[i + 1])
+            yield (images.to(device, non_blocking=True), masks.to(device) if masks is not None else None,
+                   labels[batch.to(device)])
+
+
 def _fingerprint(arch, recipe, seed, n_train, masked, positions_only):
     return json.dumps([arch, dataclasses.asdict(recipe), seed, n_train, masked, positions_only], sort_keys=True)
 
@@ -144,13 +197,15 @@ def train_model(
     normalizer: Normalizer,
     device: torch.device,
     checkpoint_path: str | Path | None = None,
-    keep: torch.Tensor | None = None,
+    keep=None,
     test: Split | None = None,
-    test_keep: torch.Tensor | None = None,
+    test_keep=None,
     positions_only: bool = False,
     progress: bool = True,
 ):
-    """Train a fresh ``arch`` on ``train`` (masked by ``keep`` if given); returns (model, metrics frame)."""
+    """Train a fresh ``arch`` on ``train`` (masked by ``keep``, a bool tensor or
+    :class:`~overinterp.subsets.KeepMasks`, if given); returns (model, metrics frame). A streamed split is
+    read from its files batch by batch, with the same batches and augmentation as in memory."""
     if positions_only and keep is None:
         raise ValueError("positions_only training needs keep-masks")
     torch.manual_seed(seed)
@@ -161,12 +216,11 @@ def train_model(
     trainer = Trainer(model, recipe, fingerprint, checkpoint_path, generator)
     trainer.resume(device)
 
-    images, labels = train.images.to(device), train.labels.to(device)
-    keep_dev = keep.to(device) if keep is not None else None
     if test is not None:
-        test_keep_dev = test_keep.to(device) if test_keep is not None else None
-        test_inputs = model_inputs(normalizer, test.images.to(device), test_keep_dev, positions_only)
-        test_labels = test.labels.to(device)
+        test_labels, test_images = test.labels.to(device), test.images
+        if isinstance(test.images, torch.Tensor):  # in memory: kept on the device between epochs
+            test_images = test.images.to(device)
+            test_keep = test_keep[:].to(device) if test_keep is not None else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     n = len(train)
     bar = tqdm(range(trainer.start_epoch, recipe.epochs), initial=trainer.start_epoch, total=recipe.epochs,
@@ -177,23 +231,21 @@ def train_model(
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         order = torch.randperm(n, device=device, generator=generator)
-        for batch in order.split(recipe.batch_size):
-            x = model_inputs(normalizer, images[batch], keep_dev[batch] if keep_dev is not None else None,
-                             positions_only)
-            x = augment(x, recipe.crop_padding, recipe.flip, normalizer.baseline, generator)
+        for images, masks, y in _batches(train, keep, order, recipe.batch_size, device):
+            x = model_inputs(normalizer, images, masks, positions_only)
+            x = augment(x, recipe.crop_padding, recipe.flip, normalizer.baseline, generator, recipe.min_scale)
             x = x.contiguous(memory_format=torch.channels_last)
-            y = labels[batch]
             with autocast:
                 logits = model(x)
                 loss = F.cross_entropy(logits, y)
             trainer.step(loss)
-            loss_sum += loss.detach() * len(batch)
+            loss_sum += loss.detach() * len(y)
             correct += (logits.argmax(1) == y).sum()
         seconds = time.perf_counter() - started
         row = {"epoch": epoch + 1, "train_loss": loss_sum.item() / n, "train_accuracy": correct.item() / n,
                "seconds": seconds, "images_per_second": n / seconds}
         if test is not None:
-            probs = predict(model, test_inputs)
+            probs = predict_split(model, normalizer, test_images, test_keep, positions_only)
             row["test_accuracy"] = (probs.argmax(1) == test_labels).float().mean().item()
         trainer.end_epoch(row)
         bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc=f"{row['train_accuracy']:.3f}",
@@ -202,11 +254,20 @@ def train_model(
     return model, pd.DataFrame(trainer.rows)
 
 
+def architecture(name: str) -> str:
+    """An architecture name --arch accepts: the project's (old names too) or torchvision:NAME."""
+    if name in ARCHITECTURES or name in DEPRECATED_NAMES or name.startswith("torchvision:"):
+        return name
+    raise argparse.ArgumentTypeError(f"unknown architecture {name!r}; choose one of {', '.join(sorted(ARCHITECTURES))} "
+                                     "or torchvision:NAME")
+
+
 def add_commands(subparsers) -> None:
     p = subparsers.add_parser("train", help="train a model on full images or on pixel subsets")
     p.add_argument("--data", required=True, help="the dataset file (.npz) that `overinterp convert` writes")
-    p.add_argument("--arch", required=True, choices=sorted([*ARCHITECTURES, *DEPRECATED_NAMES]), metavar="ARCH",
-                   help=f"the network: {', '.join(sorted(ARCHITECTURES))} (old names: {', '.join(DEPRECATED_NAMES)})")
+    p.add_argument("--arch", required=True, type=architecture, metavar="ARCH",
+                   help=f"the network: {', '.join(sorted(ARCHITECTURES))}, or torchvision:NAME (old names: "
+                        f"{', '.join(DEPRECATED_NAMES)})")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the data order (default: 0)")
     p.add_argument("--recipe", default="{}",
                    help=f"JSON object of training settings, any of (default): {Recipe.describe()}. "
@@ -231,10 +292,10 @@ def run_train(args: argparse.Namespace) -> int:
     test = load_split(args.data, "test", args.test_size)
     keep = test_keep = None
     if args.keep_masks:
-        from .subsets import load_keep_masks
+        from .subsets import load_packed_keep_masks
 
-        keep = load_keep_masks(args.keep_masks, "train", train.index)
-        test_keep = load_keep_masks(args.keep_masks, "test", test.index)
+        keep = load_packed_keep_masks(args.keep_masks, "train", train.index)
+        test_keep = load_packed_keep_masks(args.keep_masks, "test", test.index)
     model, metrics = train_model(args.arch, train, recipe, args.seed, normalizer, device, args.checkpoint,
                                  keep, test, test_keep, args.positions_only)
     save_model(args.out, model, args.arch, seed=args.seed, input_dropout=recipe.input_dropout,

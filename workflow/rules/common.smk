@@ -67,6 +67,15 @@ def fraction_name(value):
 
 def check_config():
     """Combinations the schema cannot express, refused before any job runs."""
+    if config["sis"]["method"] == "exact" and "steps" in (
+        config["sis"]["storage"],
+        config["subsets"]["by"],
+    ):
+        config_error(
+            "sis.storage / subsets.by",
+            "steps are the gradient method's: exact backward selection removes one pixel a step",
+            "Set sis.method: gradient, or leave sis.storage: orders and subsets.by: pixels",
+        )
     seeds, sis_seed_value = config["models"]["seeds"], config["sis"]["seed"]
     if sis_seed_value is not None and sis_seed_value not in seeds:
         config_error(
@@ -79,12 +88,12 @@ def check_config():
         return
     for split in ("train", "test"):
         size = config["dataset"][f"{split}_size"]
-        if size is not None and size % NUM_CLASSES:
+        if size is not None and size % PRESENT_CLASSES:
             config_error(
                 f"dataset.{split}_size",
-                f"{size} is not a multiple of the {NUM_CLASSES} classes, so the "
+                f"{size} is not a multiple of the {PRESENT_CLASSES} classes, so the "
                 "subset cannot be class-balanced",
-                f"Choose a multiple of {NUM_CLASSES}, or null",
+                f"Choose a multiple of {PRESENT_CLASSES}, or null",
             )
     if not config["humaneval"]["enabled"]:
         return
@@ -122,6 +131,7 @@ DATASET_ADAPTER = config["dataset"]["adapter"]
 DATASET = {
     "cifar10": "data/cifar10/cifar10.npz",
     "imagefolder": "data/imagefolder/dataset.npz",
+    "imagenet": "data/imagenet/dataset.npz",
 }[DATASET_ADAPTER]
 
 
@@ -131,8 +141,9 @@ def imagefolder_classes():
     if not root:
         config_error(
             "dataset.root",
-            "is not set, but dataset.adapter is imagefolder",
-            "Point it at your folder: ROOT/train/<class>/<images> and ROOT/<test_split>/<class>/<images>",
+            f"is not set, but dataset.adapter is {DATASET_ADAPTER}",
+            "Point it at your folder: ROOT/train/<class>/<images> and ROOT/<test_split>/<class>/<images>, "
+            "e.g. --config dataset='{root: /data/imagenet}'",
         )
     train = Path(root).expanduser() / "train"
     if not train.is_dir():
@@ -146,7 +157,9 @@ def imagefolder_classes():
     )
 
 
-NUM_CLASSES = 10 if DATASET_ADAPTER == "cifar10" else len(imagefolder_classes())
+# Classes the models tell apart (ImageNet's 1,000 whatever a copy holds), and those the data holds.
+PRESENT_CLASSES = 10 if DATASET_ADAPTER == "cifar10" else len(imagefolder_classes())
+NUM_CLASSES = 1000 if DATASET_ADAPTER == "imagenet" else PRESENT_CLASSES
 CHANCE = 1 / NUM_CLASSES
 
 
@@ -167,9 +180,13 @@ def dataset_source(wildcards, input):
         f"--test-split {entry['test_split']}",
     ]
     args += [f"--{key} {entry[key]}" for key in ("crop", "resize") if entry[key]]
-    if entry["classes"]:
+    if DATASET_ADAPTER == "imagenet":
+        args.append("--imagenet")
+    elif entry["classes"]:
         classes = shlex.quote(",".join(entry["classes"]))
         args.append(f"--classes {classes}")
+    if entry["stream"]:
+        args.append("--stream")
     return " ".join(args)
 
 
@@ -193,10 +210,19 @@ for _old in sorted(set(ARCHITECTURES) & {"resnet20", "resnet18", "vgg16_bn"}):
         f"'cifar_{_old}'"
     )
 SEEDS = config["models"]["seeds"]
+PRETRAINED = config["models"]["pretrained"]
+if not ARCHITECTURES and not PRETRAINED:
+    config_error(
+        "models",
+        "neither `architectures` nor `pretrained` names a model",
+        "Name an architecture to train, or a pretrained model under models.pretrained",
+    )
 # Models are named "<architecture>-s<seed>"; for the mitigation experiments also
 # "<architecture>-dropout-s<seed>" (trained with input dropout) and "ensemble-<architecture>" (its replicate
 # seeds) or "ensemble-mixed" (one replicate of every architecture): an ensemble averages its members' logits.
+# A pretrained model (models.pretrained) is "pretrained-<name>".
 MODELS = [f"{arch}-s{seed}" for arch in ARCHITECTURES for seed in SEEDS]
+PRETRAINED_MODELS = [f"pretrained-{name}" for name in PRETRAINED]
 SINGLE_MODEL_PATTERN = r"[A-Za-z0-9_]+?(-dropout)?-s\d+"
 SIS_METHOD = config["sis"]["method"]
 FRACTIONS = [fraction_name(f) for f in config["subsets"]["fractions"]]
@@ -206,12 +232,19 @@ SUBSET_PATTERN = r"(exact|gradient)-(bs|positions)-[0-9.]+|random-[0-9.]+"
 
 
 wildcard_constraints:
-    model=SINGLE_MODEL_PATTERN + r"|ensemble-[A-Za-z0-9_]+",
+    model=SINGLE_MODEL_PATTERN + r"|(ensemble|pretrained)-[A-Za-z0-9_]+",
     split="train|test",
     method="exact|gradient",
     fraction=r"[0-9.]+",
     subset=SUBSET_PATTERN,
     seed=r"\d+",
+
+
+def pretrained_weights_file(wildcards):
+    """A pretrained model's weights when they are a file (so that a new file remakes the model file); a
+    torchvision weights name is fetched by the job."""
+    weights = str(PRETRAINED[wildcards.name]["weights"])
+    return [weights] if weights.endswith((".pt", ".pth")) or "/" in weights else []
 
 
 def sis_seed():
@@ -222,7 +255,7 @@ def sis_seed():
 def sis_models():
     """The models whose train and test images go through backward selection: replicate `sis.seed` of each
     architecture (plus the mitigation models when `mitigation.retrain` is set)."""
-    models = [f"{arch}-s{sis_seed()}" for arch in ARCHITECTURES]
+    models = [f"{arch}-s{sis_seed()}" for arch in ARCHITECTURES] + PRETRAINED_MODELS
     if config["mitigation"]["retrain"]:
         models += mitigation_models()
     return models
@@ -252,8 +285,8 @@ def keep_masks(model, subset, test_only=False):
 
 def evaluation_tags(model, evaluated="trained", subset=None, seed=None):
     """Metadata stored in an evaluation summary, from which the tables are grouped."""
-    tags = {
-        "architecture": arch_of(model),
+    tags = {  # a pretrained model's rows are its own, whatever else its architecture selects
+        "architecture": model if parse_model(model)["pretrained"] else arch_of(model),
         "model": model,
         "kind": model_kind(model),
         "evaluated": evaluated,
@@ -265,7 +298,9 @@ def evaluation_tags(model, evaluated="trained", subset=None, seed=None):
 
 def comparison_summaries():
     """Every evaluation summary behind Table 1 and the fraction sweep."""
-    summaries = [f"results/eval/{model}/full.json" for model in MODELS]
+    summaries = [
+        f"results/eval/{model}/full.json" for model in MODELS + PRETRAINED_MODELS
+    ]
     for model in sis_models():
         for fraction in FRACTIONS:
             trained = [f"{SIS_METHOD}-bs-{fraction}", f"random-{fraction}"]
@@ -281,7 +316,17 @@ def comparison_summaries():
 
 
 def parse_model(model):
-    """{'arch', 'seed', 'dropout', 'ensemble'} of a model name (see MODELS above)."""
+    """{'arch', 'seed', 'dropout', 'ensemble', 'pretrained'} of a model name (see MODELS above); a pretrained
+    model's arch is the network models retrained on its subsets are made of."""
+    if model.startswith("pretrained-"):
+        name = model.removeprefix("pretrained-")
+        return {
+            "arch": PRETRAINED[name]["model"],
+            "seed": None,
+            "dropout": False,
+            "ensemble": None,
+            "pretrained": name,
+        }
     if model.startswith("ensemble-"):
         name = model.removeprefix("ensemble-")
         return {
@@ -289,6 +334,7 @@ def parse_model(model):
             "seed": None,
             "dropout": False,
             "ensemble": name,
+            "pretrained": None,
         }
     match = re.fullmatch(
         r"(?P<arch>[A-Za-z0-9_]+?)(?P<dropout>-dropout)?-s(?P<seed>\d+)", model
@@ -298,6 +344,7 @@ def parse_model(model):
         "seed": int(match["seed"]),
         "dropout": bool(match["dropout"]),
         "ensemble": None,
+        "pretrained": None,
     }
 
 
@@ -312,6 +359,8 @@ def seed_of(model):
 
 def model_kind(model):
     parsed = parse_model(model)
+    if parsed["pretrained"]:
+        return "pretrained"
     return (
         "ensemble"
         if parsed["ensemble"]
@@ -368,8 +417,10 @@ def split_size_arg(split):
 
 
 def recipe_json(model=None):
-    """The training recipe; input-dropout models get the configured dropout probability."""
-    recipe = dict(config["train"])
+    """The training recipe; input-dropout models get the configured dropout probability. Settings left
+    unset (null) are left out, so a setting added to the recipe does not rerun the trainings it leaves as
+    they were."""
+    recipe = {k: v for k, v in config["train"].items() if v is not None}
     if model is not None and parse_model(model)["dropout"]:
         recipe["input_dropout"] = config["mitigation"]["input_dropout"]
     return shlex.quote(json.dumps(recipe, sort_keys=True))
@@ -400,8 +451,7 @@ REPORT_CATEGORY = {
     "retrain": "3. Pixel-subset retraining",
     "mitigation": "4. Mitigation",
     "humaneval": "5. Human evaluation",
-    "imagenet": "6. ImageNet",
-    "audit": "7. Audits",
+    "audit": "6. Audits",
 }
 
 
@@ -421,13 +471,16 @@ def headline_settings():
     """What the front page says of the configuration, as JSON for `overinterp tables headline`."""
     settings = {
         "architectures": ARCHITECTURES,
+        "pretrained": {
+            f"pretrained-{name}": entry for name, entry in PRETRAINED.items()
+        },
         "seeds": SEEDS,
         "epochs": config["train"]["epochs"],
-        "dataset": (
-            "CIFAR-10"
-            if DATASET_ADAPTER == "cifar10"
-            else f"the image folder {Path(config['dataset']['root']).name} ({NUM_CLASSES} classes)"
-        ),
+        "dataset": {
+            "cifar10": "CIFAR-10",
+            "imagenet": f"ImageNet ({PRESENT_CLASSES} of its 1,000 classes)",
+            "imagefolder": f"the image folder {Path(str(config['dataset']['root'])).name} ({NUM_CLASSES} classes)",
+        }[DATASET_ADAPTER],
         "chance": CHANCE,
         "train_size": config["dataset"]["train_size"],
         "method": SIS_METHOD,
@@ -435,13 +488,16 @@ def headline_settings():
         "tau": config["sis"]["tau"],
         "fraction": float(FRACTIONS[0]),
         "retrain_seeds": RETRAIN_SEEDS,
-        "sis_models": [f"{arch}-s{sis_seed()}" for arch in ARCHITECTURES],
+        "sis_models": [f"{arch}-s{sis_seed()}" for arch in ARCHITECTURES]
+        + PRETRAINED_MODELS,
     }
     return shlex.quote(json.dumps(settings))
 
 
 def all_outputs():
-    outputs = [f"results/eval/{model}/full.json" for model in MODELS]
+    outputs = [
+        f"results/eval/{model}/full.json" for model in MODELS + PRETRAINED_MODELS
+    ]
     outputs += [
         HEADLINE,
         "results/tables/table1.md",
@@ -452,12 +508,8 @@ def all_outputs():
     outputs += mitigation_outputs()  # workflow/rules/mitigation.smk
     outputs += humaneval_outputs()  # workflow/rules/humaneval.smk
     outputs += figure_outputs()  # workflow/rules/figures.smk
-    if not config["cifar10"][
-        "enabled"
-    ]:  # an ImageNet-only configuration (config/imagenet.yaml)
+    if not config["cifar10"]["enabled"]:  # audits only (config/audit.yaml)
         outputs = []
-    if config["imagenet"]["enabled"]:
-        outputs += imagenet_outputs()  # workflow/rules/imagenet.smk
     outputs += [f"results/audit/{name}/report.html" for name in AUDITS]  # audit.smk
     return outputs
 
@@ -526,19 +578,38 @@ COMPARE_SAMPLE = config["sis"]["compare_sample"]
 def sis_args():
     sis = config["sis"]
     batch = "" if sis["batch_size"] is None else f"--batch-size {sis['batch_size']}"
+    steps = "--steps" if sis["storage"] == "steps" else ""
     return (
         f"--pixels-per-step {sis['pixels_per_step']} --precision {sis['precision']} {batch} "
-        f"--evaluator {sis['evaluator']} {normalization_args()}"
+        f"--evaluator {sis['evaluator']} {steps} {normalization_args()}"
     )
 
 
+def subsets_by_args(random=False):
+    """How subsets are sized: by pixels (the default, no option) or by the gradient method's steps (whose
+    size random subsets need; backward-selection results record it)."""
+    if config["subsets"]["by"] == "pixels":
+        return ""
+    return "--by steps" + (
+        f" --pixels-per-step {config['sis']['pixels_per_step']}" if random else ""
+    )
+
+
+def sis_shards(model, method, split):
+    return [
+        f"results/sis/{model}/{method}/{split}/shard{i}.npz" for i in range(SIS_SHARDS)
+    ]
+
+
 def sis_outputs():
-    """The merged SIS files of both splits, and the agreement table when a comparison sample is set."""
+    """The merged SIS files (of the training split too unless the dataset is streamed: too large to merge),
+    and the agreement table when a comparison sample is set."""
+    splits = ["test"] if config["dataset"]["stream"] else ["train", "test"]
     outputs = expand(
         "results/sis/{model}/{method}/{split}.npz",
         model=sis_models(),
         method=SIS_METHOD,
-        split=["train", "test"],
+        split=splits,
     )
     if COMPARE_SAMPLE:
         outputs += multiext("results/tables/sis_agreement", ".csv", ".md")
@@ -647,14 +718,15 @@ if config["sis"]["compare_sample"]:
 
 
 def figure_outputs():
-    names = [
-        "training_curves",
+    names = ["training_curves"] if MODELS else []
+    names += [
         "table1",
         "fraction_sweep",
         "confidence_curves",
         "sis_sizes",
     ]
-    names += [f"sis_examples/{model}" for model in sis_models()]
+    if config["figures"]["sis_examples_per_class"]:
+        names += [f"sis_examples/{model}" for model in sis_models()]
     names += [f"retrain_curves/{model}" for model in sis_models()]
     outputs = [
         f"results/figures/{name}.{ext}" for name in names for ext in ("png", "pdf")
@@ -678,7 +750,11 @@ def retrain_runs(model):
     }
     if config["subsets"]["positions_only"]:
         subsets["mask positions only"] = f"{SIS_METHOD}-positions-{fraction}"
-    runs = [("full images", f"results/models/{model}/metrics.csv")]
+    runs = (
+        []
+        if parse_model(model)["pretrained"]
+        else [("full images", f"results/models/{model}/metrics.csv")]
+    )
     runs += [
         (group, f"results/retrain/{model}/{subset}-s{seed}/metrics.csv")
         for group, subset in subsets.items()

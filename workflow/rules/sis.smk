@@ -31,10 +31,7 @@ rule sis_shard:
 
 rule sis_merge:
     input:
-        expand(
-            "results/sis/{{model}}/{{method}}/{{split}}/shard{shard}.npz",
-            shard=range(SIS_SHARDS),
-        ),
+        lambda w: sis_shards(w.model, w.method, w.split),
     output:
         "results/sis/{model}/{method}/{split}.npz",
     log:

@@ -3,7 +3,8 @@
 
 rule backselect_subsets:
     input:
-        train="results/sis/{model}/{method}/train.npz",
+        # the training split's shards, one at a time (ImageNet's 1.28M results do not fit in memory together)
+        train=lambda w: sis_shards(w.model, w.method, "train"),
         test="results/sis/{model}/{method}/test.npz",
     output:
         "results/subsets/{model}/{method}/bs-{fraction}.npz",
@@ -11,9 +12,11 @@ rule backselect_subsets:
         "logs/subsets/{model}/{method}-bs-{fraction}.log",
     conda:
         "../../envs/overinterp.yaml"
+    params:
+        by=subsets_by_args(),
     shell:
         "python -m overinterp subsets backselect --sis-train {input.train} --sis-test {input.test} "
-        "--fraction {wildcards.fraction} --out {output} 2> {log}"
+        "--fraction {wildcards.fraction} {params.by} --out {output} 2> {log}"
 
 
 # Keep-masks of the test images alone, to evaluate a model on its own subsets.
@@ -26,8 +29,11 @@ rule backselect_test_subsets:
         "logs/subsets/{model}/{method}-bs-{fraction}-test.log",
     conda:
         "../../envs/overinterp.yaml"
+    params:
+        by=subsets_by_args(),
     shell:
-        "python -m overinterp subsets backselect --sis-test {input.test} --fraction {wildcards.fraction} --out {output} 2> {log}"
+        "python -m overinterp subsets backselect --sis-test {input.test} --fraction {wildcards.fraction} {params.by} "
+        "--out {output} 2> {log}"
 
 
 rule random_subsets:
@@ -44,9 +50,10 @@ rule random_subsets:
         seeds="--seed-train {train} --seed-test {test}".format(
             **config["subsets"]["random_seeds"]
         ),
+        by=subsets_by_args(random=True),
     shell:
         "python -m overinterp subsets random --data {input} {params.sizes} {params.seeds} "
-        "--fraction {wildcards.fraction} --out {output} 2> {log}"
+        "--fraction {wildcards.fraction} {params.by} --out {output} 2> {log}"
 
 
 # The full-image model on pixel subsets of the test images: is it confident on 5% of the pixels?

@@ -31,6 +31,34 @@ rule train:
         "--out {output.model} --metrics {output.metrics} 2> {log}"
 
 
+# A pretrained selecting model (models.pretrained) as a model file for the dataset: its classes, frame and the
+# normalisation the stages feed it, checked by a forward pass. It runs in the controlling process on a
+# cluster: torchvision's weights may need fetching, and compute nodes often have no internet access.
+localrules:
+    pretrained,
+
+
+rule pretrained:
+    input:
+        data=DATASET,
+        weights=pretrained_weights_file,
+    output:
+        "results/models/pretrained-{name}/model.pt",
+    log:
+        "logs/models/pretrained-{name}.log",
+    wildcard_constraints:
+        name="|".join(map(re.escape, PRETRAINED)) or "(?!)",
+    conda:
+        "../../envs/overinterp.yaml"
+    params:
+        model=lambda w: shlex.quote(PRETRAINED[w.name]["model"]),
+        weights=lambda w: shlex.quote(str(PRETRAINED[w.name]["weights"])),
+        norm=normalization_args(),
+    shell:
+        "python -m overinterp model --model {params.model} --weights {params.weights} --data {input.data} {params.norm} "
+        "--out {output} 2> {log}"
+
+
 rule evaluate:
     input:
         data=DATASET,
