@@ -261,6 +261,17 @@ def test_sis_examples_sheet(cifar_npz, sis_example_inputs, tmp_path):
     original = images[first].permute(1, 2, 0).numpy() / 255
     assert np.allclose(sis_picture[~masked], original[~masked], atol=1e-5)
 
+    # --classes 3: rows for the first three classes with an image at tau; only their images are read.
+    few = tmp_path / "few"
+    assert main(["figures", "sis-examples", "--data", str(cifar_npz), "--model", str(d / "model.pt"), "--sis",
+                 str(d / "sis.npz"), "--tau", "0.99", "--per-class", "2", "--classes", "3", "--out", str(few)]) == 0
+    assert_figure_files(few)
+    with_examples = [c for c, chosen in enumerate(picks) if chosen][:3]
+    from PIL import Image
+
+    with Image.open(few.with_suffix(".png")) as sheet, Image.open(out.with_suffix(".png")) as full_sheet:
+        assert len(with_examples) == 3 and sheet.height < 0.5 * full_sheet.height  # 3 rows instead of 10
+
 
 def test_sis_examples_without_confident_images(cifar_npz, sis_example_inputs, tmp_path):
     d = sis_example_inputs

@@ -231,11 +231,13 @@ def test_the_imagenet_configuration_is_a_dataset_entry_of_the_same_rules(tmp_pat
                       "random_subsets": 1, "evaluate_on_subsets": models * 2, "retrain": models * 3,
                       "evaluate_retrained": models * 3, "comparison_tables": 1, "sis_size_tables": 1, "headline": 1,
                       "figure_table1": 1, "figure_fraction_sweep": 1, "figure_confidence_curves": 1,
-                      "figure_sis_sizes": 1, "figure_retrain_curves": models, "report_table_table1": 1,
-                      "report_table_fraction_sweep": 1, "report_table_sis_sizes": 1, "all": 1, "total": 1065}, counts
+                      "figure_sis_sizes": 1, "figure_retrain_curves": models, "figure_sis_examples": models,
+                      "report_table_table1": 1, "report_table_fraction_sweep": 1, "report_table_sis_sizes": 1,
+                      "all": 1, "total": 1067}, counts
     assert "rule train:" not in dry.stdout  # the selecting models are pretrained
     assert "results/retrain/pretrained-inception_v3/gradient-positions-0.1-s0/model.pt" in dry.stdout
     assert "--by steps" in dry.stdout and "--steps" in dry.stdout and "--stream" in dry.stdout
+    assert "--classes 10" in dry.stdout  # the example sheets read 10 classes' images, not 50,000
     unset = snakemake(tmp_path / "run", "-n", configfiles=(REPO / "config" / "imagenet.yaml",), check=False)
     assert unset.returncode != 0 and "`dataset.root`: is not set" in unset.stdout + unset.stderr
 
@@ -276,6 +278,7 @@ def test_imagenet_workflow_end_to_end(assets, layout, tmp_path):
     merged = np.load(run / "results/sis/pretrained-lite0/gradient/test.npz")
     assert "removal_step" in merged and "order" not in merged  # the step form
     assert not (run / "results/sis/pretrained-lite0/gradient/train.npz").exists()  # never merged: too large
+    assert (run / "results/figures/sis_examples/pretrained-lite0.png").stat().st_size > 0
     front = (run / "results/report-front.rst").read_text()
     assert "ImageNet (19 of its 1,000 classes)" in front and "(chance 0.1%)" in front
     dry = snakemake(run, "-n", configfiles=(base, configfile))

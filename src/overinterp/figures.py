@@ -380,7 +380,8 @@ def sis_examples(images: np.ndarray, labels: np.ndarray, result: BackSelectResul
                  shown: list[int] | None = None) -> Figure:
     """The paper's Figure 1 for one model: per class (rows) and example, the original image with the
     model's prediction and confidence, its SIS at ``tau`` with every other pixel in the mean colour, and
-    the SIS mask. ``images`` are uint8 NCHW rows aligned with ``result``; ``sis_confidence`` is the
+    the SIS mask. ``images`` are uint8 CHW images by position in ``result`` (an array, or a dict of the
+    picked ones); ``sis_confidence`` is the
     model's f on each SIS-only image. ``shown`` lists the classes of the rows (default: all), and
     ``picks`` holds one list per shown class."""
     shown = list(range(len(classes))) if shown is None else shown
@@ -579,6 +580,9 @@ def add_commands(subparsers) -> None:
     s.add_argument("--sis", required=True, help="its BackSelect result on the test split (.npz)")
     s.add_argument("--tau", type=float, required=True, help="SIS threshold: f (the predicted class's probability) the subset must keep")
     s.add_argument("--per-class", type=int, default=2, help="examples per class")
+    s.add_argument("--classes", type=int, default=None,
+                   help="rows for at most this many classes, the first with an image that reaches tau (default: "
+                        "every class); only their images are read (ImageNet: 50,000 test images, 1,000 classes)")
     s.add_argument("--title", default=None, help="figure title (default: none)")
     add_normalization_arguments(s)
     add_device_argument(s)
@@ -635,25 +639,38 @@ def run_sis_examples(args) -> int:
     from .data import normalizer_from_args
     from .utils import resolve_device
 
-    result = BackSelectResult.load(args.sis)
-    split = load_split(args.data, "test")  # the whole split: result.index holds dataset rows
-    if result.index.max(initial=-1) >= len(split):
-        raise ValueError(f"{args.sis} refers to test image {result.index.max()} but {args.data} has {len(split)}")
-    images = split.images[result.index].numpy()
-    labels = split.labels[result.index].numpy()
+    arrays = read_step_arrays([args.sis], ("index", "target", "full_confidence", "removal_step", "step_values"))
+    split = load_split(args.data, "test")  # the whole split: the result's index holds dataset rows
+    if arrays["index"].max(initial=-1) >= len(split):
+        raise ValueError(f"{args.sis} refers to test image {arrays['index'].max()} but {args.data} has {len(split)}")
+    labels = split.labels.numpy()[arrays["index"]]
+    rows_of = None  # the classes of the sheet's rows (default: all)
+    rows = np.arange(len(labels))
+    confident_classes = np.unique(labels[arrays["full_confidence"] >= args.tau])
+    if args.classes is not None and len(confident_classes):  # the first classes with an image at tau, and their images
+        rows_of = confident_classes[:args.classes].tolist()
+        rows = np.flatnonzero(np.isin(labels, rows_of))
+    # The SIS are whole steps, so a result rebuilt from its steps gives the same SIS.
+    result = BackSelectResult.from_steps(
+        *(arrays[key][rows] for key in ("removal_step", "step_values", "target", "full_confidence")),
+        arrays["height"], arrays["width"], arrays["pixels_per_step"], arrays["index"][rows])
+    labels = labels[rows]
     picks = pick_examples(result, labels, args.tau, args.per_class, len(split.classes))
+    if rows_of is not None:
+        picks = [picks[c] for c in rows_of]
     masks = sis_mask(result, args.tau)
     normalizer = normalizer_from_args(args)
     shown = [i for p in picks for i in p]
+    images = dict(zip(shown, split.images[result.index[shown]].numpy()))  # the shown images alone are read
     sis_confidence = np.full(len(result), np.nan)
     if shown:
         keep = torch.from_numpy(np.stack([masks[i] for i in shown]).reshape(-1, 1, result.height, result.width))
         probs = predict(load_model(args.model, resolve_device(args.device)),
-                        normalizer(torch.from_numpy(images[shown]), keep))
+                        normalizer(torch.from_numpy(np.stack([images[i] for i in shown])), keep))
         sis_confidence[shown] = probs.cpu().gather(1, torch.from_numpy(result.target[shown]).view(-1, 1))[:, 0]
     title = args.title or f"Sufficient input subsets at τ = {args.tau:g}"
     sis_examples(images, labels, result, masks, sis_confidence, picks, split.classes, normalizer, args.out,
-                 args.tau, title)
+                 args.tau, title, rows_of)
     return 0
 
 

@@ -75,6 +75,11 @@ rule figure_sis_examples:
     params:
         tau=config["sis"]["tau"],
         per_class=config["figures"]["sis_examples_per_class"],
+        classes=(
+            f"--classes {config['figures']['sis_examples_classes']}"
+            if config["figures"]["sis_examples_classes"]
+            else ""
+        ),
         norm=normalization_args(),
         prefix=figure_prefix,
         title=lambda w: shlex.quote(
@@ -82,7 +87,7 @@ rule figure_sis_examples:
         ),
     shell:
         "python -m overinterp figures sis-examples --data {input.data} --model {input.model} --sis {input.sis} "
-        "--tau {params.tau} --per-class {params.per_class} {params.norm} --title {params.title} "
+        "--tau {params.tau} --per-class {params.per_class} {params.classes} {params.norm} --title {params.title} "
         "--out {params.prefix} 2> {log}"
 
 
