@@ -202,7 +202,8 @@ class FolderImages:
     like an in-memory split, for datasets too large for memory (ImageNet's 1.28M training images)."""
 
     def __init__(self, root: Path, files: np.ndarray, frame: Frame, workers: int = 8):
-        self.root, self.files, self.frame, self.workers = Path(root), np.asarray(files), frame, workers
+        self.root, self.files, self.frame = Path(root), np.asarray(files), frame
+        self.pool = ThreadPoolExecutor(max(1, workers))  # one for every batch of a run, not one a batch
 
     def __len__(self) -> int:
         return len(self.files)
@@ -219,8 +220,7 @@ class FolderImages:
         positions = np.arange(len(self))[rows] if isinstance(rows, slice) else np.asarray(rows).reshape(-1)
         if not len(positions):
             return torch.zeros(0, *self.shape[1:], dtype=torch.uint8)
-        with ThreadPoolExecutor(max(1, self.workers)) as pool:
-            return torch.stack(list(pool.map(self.load, positions.tolist())))
+        return torch.stack(list(self.pool.map(self.load, positions.tolist())))
 
 
 @dataclass

@@ -236,6 +236,14 @@ class ImageNet(ImageFolder):
         return {w: i for i, w in enumerate(wnids())}
 
 
+def check_same_classes(dataset: Dataset, test_split: str, in_one_only: set) -> None:
+    """Class folders (or, for ImageNet's fixed class list, classes with images) in one split only are refused."""
+    if in_one_only:
+        raise DataError(f"the train and {test_split} folders of {dataset.root} hold different classes "
+                        f"({sorted(in_one_only)[:5]} in one only); give both the same class folders, or fix the "
+                        "order with dataset.classes")
+
+
 def write_dataset_file(dataset: Dataset, out: str | Path, test_split: str = "test", stream: bool = False) -> dict:
     """The workflow's dataset file (see :mod:`overinterp.data`) from an image-folder adapter: its ``train`` and
     ``test_split`` splits at its frame; returns the images per split. Every later stage reads it.
@@ -259,11 +267,8 @@ def write_dataset_file(dataset: Dataset, out: str | Path, test_split: str = "tes
             check_images(files, dataset.root / split, dataset.workers, desc=f"check {split} images")
             listed[name] = (np.array([f.relative_to(dataset.root).as_posix() for f in files]), labels)
         present = {name: {classes[name][label] for label in np.unique(labels)} for name, (_, labels) in listed.items()}
-        if classes["train"] != classes["test"] or present["train"] != present["test"]:
-            differ = sorted((set(classes["train"]) | present["train"]) ^ (set(classes["test"]) | present["test"]))
-            raise DataError(f"the train and {test_split} folders of {dataset.root} hold different classes "
-                            f"({differ[:5]} in one only); give both the same class folders, or fix the order "
-                            "with dataset.classes")
+        check_same_classes(dataset, test_split, (set(classes["train"]) ^ set(classes["test"]))
+                           | (present["train"] ^ present["test"]))
         arrays = {"train_files": listed["train"][0], "train_labels": listed["train"][1],
                   "test_files": listed["test"][0], "test_labels": listed["test"][1],
                   "classes": np.array(dataset.classes), "root": np.array(str(dataset.root.resolve())),
@@ -273,10 +278,7 @@ def write_dataset_file(dataset: Dataset, out: str | Path, test_split: str = "tes
         return {"train": len(listed["train"][1]), test_split: len(listed["test"][1]),
                 "classes": len(dataset.classes), "size": [dataset.frame[1]] * 2, "streamed": True}
     train, test = dataset.load("train"), dataset.load(test_split)
-    if train.classes != test.classes:
-        raise DataError(f"the train and {test_split} folders of {dataset.root} hold different classes "
-                        f"({sorted(set(train.classes) ^ set(test.classes))[:5]} in one only); give both the same "
-                        "class folders, or fix the order with dataset.classes")
+    check_same_classes(dataset, test_split, set(train.classes) ^ set(test.classes))
     if train.images.shape[2:] != test.images.shape[2:]:
         raise DataError(f"the train and {test_split} images have different sizes ({tuple(train.images.shape[2:])} "
                         f"and {tuple(test.images.shape[2:])}); set dataset.crop (and dataset.resize)")
