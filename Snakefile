@@ -28,6 +28,7 @@ include: "workflow/rules/analysis.smk"
 include: "workflow/rules/humaneval.smk"
 include: "workflow/rules/figures.smk"
 include: "workflow/rules/mitigation.smk"
+include: "workflow/rules/controls.smk"
 include: "workflow/rules/audit.smk"
 
 

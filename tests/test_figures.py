@@ -294,10 +294,12 @@ def test_sis_examples_reject_foreign_results(cifar_npz, sis_example_inputs, tmp_
 
 
 def expected_outputs(model="tiny-s0"):
+    controls = [f"controls_{name}" for name in ("smoothed", "targeted", "masking", "swap")]
     names = ["training_curves", "table1", "fraction_sweep", "confidence_curves", "sis_sizes",
-             f"sis_examples/{model}", f"retrain_curves/{model}"]
+             f"sis_examples/{model}", f"retrain_curves/{model}", *controls]
     figures_ = [f"results/figures/{name}.{ext}" for name in names for ext in ("png", "pdf")]
-    tables = [f"results/tables/{t}.{ext}" for t in ("table1", "fraction_sweep", "sis_sizes", "sis_agreement")
+    tables = [f"results/tables/{t}.{ext}" for t in ("table1", "fraction_sweep", "sis_sizes", "sis_agreement",
+                                                     *controls)
               for ext in ("csv", "md", "html")]
     return figures_, tables + ["results/tables/table1.tex"]
 
@@ -324,7 +326,8 @@ def test_smoke_report_contains_every_figure_and_table(smoke_run):
         if path.endswith((".png", ".html")):
             name = path.rsplit("/", 1)[1]
             assert name in report, f"{path} is not in the report"
-    for category in ("1. Training", "2. Backward selection and SIS", "3. Pixel-subset retraining", "4. Mitigation"):
+    for category in ("1. Training", "2. Backward selection and SIS", "3. Pixel-subset retraining", "4. Mitigation",
+                     "7. Controls: what the subsets mean"):
         assert category in report
     # Captions are rendered with the configuration's values (smoke: tau 0.1, gradient method, 100 test images).
     assert re.search(r"tau = 0\.1\b", report)

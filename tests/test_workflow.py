@@ -4,6 +4,7 @@ import re
 import shutil
 import subprocess
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -252,3 +253,31 @@ def test_a_pretrained_selecting_model_goes_through_the_same_chain(cifar_imagefol
     assert np.isclose(full["accuracy_mean"].item(), (predictions["prediction"] == predictions["label"]).mean())
     assert "pretrained-mine" in (run / "results/report-front.rst").read_text()
     assert not (run / "results/models/tiny-s0").exists()  # nothing trained from scratch
+
+
+def test_smoke_run_runs_the_four_controls(smoke_run):
+    results = smoke_run / "results"
+    smoothed = pd.read_csv(results / "controls/smoothed/tiny-s0.csv")
+    assert set(smoothed["subset"]) >= {"bs"} and (smoothed["dilated_kept"] >= smoothed["kept"]).all()
+    targeted = pd.read_csv(results / "controls/targeted/tiny-s0.csv")
+    assert len(targeted) == 4 * 10 and targeted.groupby("index")["predicted"].sum().eq(1).all()
+    swap = pd.read_csv(results / "controls/swap/tiny-s0.csv")
+    assert set(swap["model"]) == {"original", "retrained on BS s0", "retrained on BS s1",
+                                  "retrained on random s0", "retrained on random s1"}
+    assert (swap["label"] != swap["partner_label"]).all() and len(swap) == 5 * 100
+    # the masking control: backward selection under each fill at the control's size (100/50 images), and
+    # models retrained under it; the mean colour reuses the run's own subsets, narrowed to those images
+    for fill in ("noise", "impute"):
+        with np.load(results / f"sis/tiny-s0/gradient-{fill}/train.npz") as sis:
+            meta = json.loads(str(sis["meta"]))
+            assert meta["fill"] == fill and len(sis["index"]) == 100
+    summaries = [json.loads(p.read_text()) for p in sorted((results / "controls/masking").rglob("test.json"))]
+    assert sorted((s["fill"], s["subset"]) for s in summaries) == sorted(
+        (f, k) for f in ("mean", "noise", "impute") for k in ("bs", "random", "positions"))
+    assert all(s["n"] == 50 for s in summaries)
+    table = pd.read_csv(results / "tables/controls_masking.csv")
+    assert list(table["fill"]) == ["mean", "noise", "impute"]
+    np.testing.assert_allclose(table["bs_minus_random"], table["bs_accuracy"] - table["random_accuracy"])
+    for name in ("smoothed", "targeted", "masking", "swap"):
+        assert (smoke_run / f"logs/controls/{name}-report.log").exists()
+    assert (results / "benchmarks/controls/targeted/tiny-s0.tsv").exists()

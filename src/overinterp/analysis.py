@@ -123,6 +123,45 @@ READABLE_COLUMNS = {
     "exact_kept_confidence_mean": ("confidence on exact subsets (%)", "%"),
     "gradient_kept_confidence_mean": ("confidence on gradient subsets (%)", "%"),
     "same_target": ("same class followed (%)", "%"),
+    # controls (controls.py)
+    "kept_share": ("kept (% of pixels)", "%"),
+    "dilated_share": ("dilated (% of pixels)", "%"),
+    "confidence_subset": ("f on the subset (%)", "%"),
+    "confidence_dilated": ("f on the dilated subset (%)", "%"),
+    "confidence_random": ("f on random pixels of the dilated size (%)", "%"),
+    "predicted_subset": ("still predicted on the subset (%)", "%"),
+    "predicted_dilated": ("still predicted on the dilated subset (%)", "%"),
+    "predicted_random": ("still predicted on random pixels (%)", "%"),
+    "confidence_drop_low": ("drop of f when dilated, 95% CI low (%)", "%"),
+    "confidence_drop_high": ("drop of f when dilated, 95% CI high (%)", "%"),
+    "classes": ("classes", "int"),
+    "predicted_pairs": ("predicted class: pairs", "int"),
+    "predicted_reach_at_fraction": ("predicted class: reaches τ within the kept fraction (%)", "%"),
+    "predicted_reach_anywhere": ("predicted class: reaches τ on some subset (%)", "%"),
+    "predicted_median_smallest": ("predicted class: smallest subset reaching τ, median (% of image)", "%"),
+    "predicted_confidence_at_fraction": ("predicted class: mean f on the kept-fraction subset (%)", "%"),
+    "other_pairs": ("other classes: pairs", "int"),
+    "other_reach_at_fraction": ("other classes: reach τ within the kept fraction (%)", "%"),
+    "other_reach_anywhere": ("other classes: reach τ on some subset (%)", "%"),
+    "other_median_smallest": ("other classes: smallest subset reaching τ, median (% of image)", "%"),
+    "other_confidence_at_fraction": ("other classes: mean f on the kept-fraction subsets (%)", "%"),
+    "every_class_at_fraction": ("images where every class reaches τ within the kept fraction (%)", "%"),
+    "bs_accuracy": ("backward selection: accuracy (%)", "%"),
+    "bs_sd": ("backward selection: sd (%)", "%"),
+    "random_accuracy": ("random: accuracy (%)", "%"),
+    "random_sd": ("random: sd (%)", "%"),
+    "positions_accuracy": ("mask positions only: accuracy (%)", "%"),
+    "positions_sd": ("mask positions only: sd (%)", "%"),
+    "bs_minus_random": ("backward selection minus random (points)", "%"),
+    "train_images": ("training images", "int"),
+    "accuracy_own": ("accuracy on its own subsets (%)", "%"),
+    "follows_positions": ("follows the positions (%)", "%"),
+    "follows_positions_low": ("follows the positions: 95% CI low (%)", "%"),
+    "follows_positions_high": ("follows the positions: 95% CI high (%)", "%"),
+    "follows_pixels": ("follows the pixels (%)", "%"),
+    "follows_pixels_low": ("follows the pixels: 95% CI low (%)", "%"),
+    "follows_pixels_high": ("follows the pixels: 95% CI high (%)", "%"),
+    "neither": ("another class (%)", "%"),
 }
 
 
@@ -140,6 +179,8 @@ def readable_table(table: pd.DataFrame) -> pd.DataFrame:
     out = {}
     for column in table.columns:
         header, kind = READABLE_COLUMNS.get(column, (column.replace("_", " "), None))
+        if header in out:  # a header shared by two columns would drop one of them
+            raise ValueError(f"two columns of the table read {header!r}; give {column!r} its own header")
         values = table[column]
         if kind is None and pd.api.types.is_float_dtype(values):
             kind = "g"

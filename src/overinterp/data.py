@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .fills import FILLS, Fill
 from .utils import CorruptFileError, DataError, atomic_path, load_npz, save_npz
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -329,18 +330,20 @@ def load_split(path: str | Path, split: str, size: int | None = None) -> Split:
 
 
 class Normalizer:
-    """uint8 NCHW -> float normalised NCHW on the given device; masked pixels take ``baseline``."""
+    """uint8 NCHW -> float normalised NCHW on the given device; masked pixels take ``baseline``, or what
+    ``fill`` (a :class:`~overinterp.fills.Fill`) puts there."""
 
-    def __init__(self, mean=CIFAR10_MEAN, std=CIFAR10_STD, baseline: float = 0.0):
+    def __init__(self, mean=CIFAR10_MEAN, std=CIFAR10_STD, baseline: float = 0.0, fill: Fill | None = None):
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
         self.baseline = float(baseline)
+        self.fill = fill or Fill("mean", self.baseline)
 
     def __call__(self, images: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         mean, std = self.mean.to(images.device), self.std.to(images.device)
         x = (images.float() / 255.0 - mean) / std
         if keep is not None:  # keep: (N,1,H,W) bool/0-1, True = pixel kept
-            x = torch.where(keep.bool(), x, torch.full_like(x, self.baseline))
+            x = self.fill(x, keep)
         return x
 
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
@@ -367,7 +370,14 @@ def add_normalization_arguments(p) -> None:
                    help="per-channel std, fractions of 255 (default: CIFAR-10's, 63.0/255 62.1/255 66.7/255)")
     p.add_argument("--baseline", type=float, default=0.0,
                    help="value of masked pixels after normalisation; 0 = the mean colour (default: 0.0)")
+    p.add_argument("--fill", default="mean", choices=FILLS,
+                   help="what masked pixels become: mean (--baseline, the paper's), noise (N(0,1) after "
+                        "normalisation) or impute (ROAD's noisy linear imputation from the kept pixels) (default: mean)")
+    p.add_argument("--fill-seed", type=int, default=0, help="seed of the noise of --fill noise/impute (default: 0)")
+    p.add_argument("--impute-noise", type=float, default=0.01,
+                   help="sigma of the noise added to imputed pixels, normalised units (default: 0.01, ROAD's)")
 
 
 def normalizer_from_args(args: argparse.Namespace) -> Normalizer:
-    return Normalizer(args.mean or CIFAR10_MEAN, args.std or CIFAR10_STD, args.baseline)
+    fill = Fill(args.fill, args.baseline, args.fill_seed, args.impute_noise)
+    return Normalizer(args.mean or CIFAR10_MEAN, args.std or CIFAR10_STD, args.baseline, fill)

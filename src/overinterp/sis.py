@@ -255,6 +255,16 @@ def sis_size(result: BackSelectResult, tau: float) -> np.ndarray:
                              result.pixels_per_step, tau)
 
 
+def smallest_reaching(result: BackSelectResult, tau: float) -> np.ndarray:
+    """Per image, the number of pixels of the smallest subset along the ordering whose f is >= ``tau``,
+    whether or not the full image reaches it (a target other than the prediction usually does not); the
+    whole image if only it does, NaN if nothing does."""
+    last = _last_at_least(result.values, tau)
+    size = np.where(last >= 0, result.num_pixels - (last + 1), result.num_pixels).astype(np.float64)
+    size[(last < 0) & (np.asarray(result.full_confidence) < tau)] = np.nan
+    return size
+
+
 def sis_mask(result: BackSelectResult, tau: float) -> list[np.ndarray | None]:
     """Per image, the (H, W) bool mask of its SIS at ``tau`` (True = in the SIS), None where f(full) < tau."""
     last = _last_at_least(result.values, tau)
@@ -462,13 +472,22 @@ class _Engine:
 
         ``target``: the class whose probability is f: an int for every image, one per image, or None (the
         prediction on the full image). ``baselines``: what a masked pixel becomes: a scalar, one value per
-        channel, or a tensor broadcastable to the inputs (per-image baselines run image by image); default:
-        the engine's ``baseline``. ``feature_mask``: (H, W) or (B, 1, H, W) integer ids grouping pixels into
+        channel, or a tensor broadcastable to the inputs (per-image baselines run image by image in the exact
+        method); default: the engine's ``baseline``. The gradient method also takes a callable
+        ``(images, keep, rows) -> baselines`` of a batch (``rows``: the batch's positions in ``inputs``;
+        ``keep``: (N, 1, H, W), 1 = present), called at every step, for fills that depend on the mask such
+        as :mod:`overinterp.fills`' imputation. ``feature_mask``: (H, W) or (B, 1, H, W) integer ids grouping pixels into
         features (e.g. superpixels) that are removed together; the result then orders pixels feature by
         feature (a feature's pixels consecutive, in ascending index, sharing its value) and ``meta["features"]``
         counts them.
         """
         images, target = self.check_inputs(inputs, target)
+        if callable(baselines):
+            if not isinstance(self, GradientBackSelect) or feature_mask is not None:
+                raise ValueError("a baseline that depends on the mask (a callable) needs GradientBackSelect "
+                                 "without a feature_mask: the exact method masks one fixed value per pixel")
+            yield from self._attribute_iter(images, target, baselines)
+            return
         baseline = self.baseline if baselines is None else _as_baseline(baselines, images)
         if feature_mask is not None:
             yield from self._feature_iter(images, target, baseline, _feature_ids(feature_mask, images))
@@ -852,29 +871,41 @@ class GradientBackSelect(_Engine):
             raise ValueError(f"pixels_per_step must be at least 1, not {pixels_per_step}")
         self.pixels_per_step = int(pixels_per_step)
 
-    def _attribute_iter(self, images, target) -> Iterator[tuple[int, BackSelectResult]]:
-        """Yield ``(i, result of image i)``, one batch of images at a time."""
+    def _attribute_iter(self, images, target, fill=None) -> Iterator[tuple[int, BackSelectResult]]:
+        """Yield ``(i, result of image i)``, one batch of images at a time; ``fill``: a callable baseline
+        (see :meth:`attribute_iter`), else the engine's ``baseline``."""
         num_images, _, height, width = images.shape
         pixels, k = height * width, self.pixels_per_step
         steps = math.ceil(pixels / k)
         bar = self.progress_bar(num_images * steps, "img-step", "GradientBackSelect")
         for start in range(0, num_images, self.batch_size):
-            x = images[start : start + self.batch_size].to(self.device, self.dtype)
-            chunk_target = None if target is None else target[start : start + self.batch_size].to(self.device)
-            result = self._select(x, chunk_target, bar)
+            rows = torch.arange(start, min(start + self.batch_size, num_images))
+            x = images[rows].to(self.device, self.dtype)
+            chunk_target = None if target is None else target[rows].to(self.device)
+            batch_fill = None if fill is None else (lambda x, keep, rows=rows: fill(x, keep, rows).to(x))
+            result = self._select(x, chunk_target, bar, batch_fill)
             for i in range(len(result)):
                 yield start + i, result.select(slice(i, i + 1))
         bar.close()
 
-    def _confidence(self, x, mask, target):
-        """f of every image under ``mask`` (and the target, taken from the prediction when None)."""
-        masked = x * (1 - mask) + self.baseline * mask
+    def _baseline_iter(self, images, target, baseline: torch.Tensor) -> Iterator[tuple[int, BackSelectResult]]:
+        """Tensor baselines, per image or shared, masked in directly: batches stay whole."""
+        def fill(x, keep, rows):
+            return baseline if len(baseline) == 1 else baseline[rows]
+
+        yield from self._attribute_iter(images, target, fill)
+
+    def _confidence(self, x, mask, target, fill=None):
+        """f of every image under ``mask`` (and the target, taken from the prediction when None); masked
+        pixels take ``fill(x, keep)`` (computed from the mask without gradient), else the baseline."""
+        baseline = self.baseline if fill is None else fill(x, 1 - mask.detach())
+        masked = x * (1 - mask) + baseline * mask
         probs = self.probabilities(masked)
         if target is None:
             target = probs.detach().argmax(1)
         return probs.gather(1, target.unsqueeze(1)).squeeze(1), target
 
-    def _select(self, x: torch.Tensor, target, bar) -> BackSelectResult:
+    def _select(self, x: torch.Tensor, target, bar, fill=None) -> BackSelectResult:
         n, _, height, width = x.shape
         pixels, k = height * width, self.pixels_per_step
         order = torch.empty(n, pixels, dtype=torch.long, device=self.device)
@@ -884,7 +915,7 @@ class GradientBackSelect(_Engine):
         for pos in range(0, pixels, k):
             mask = removed.view(n, 1, height, width).to(self.dtype).requires_grad_()
             with torch.enable_grad():
-                f, target = self._confidence(x, mask, target)
+                f, target = self._confidence(x, mask, target, fill)
                 (grad,) = torch.autograd.grad(f.sum(), mask)
             if full is None:
                 full = f.detach()
@@ -896,7 +927,7 @@ class GradientBackSelect(_Engine):
             removed.scatter_(1, take, True)
             bar.update(n)
         with torch.inference_mode():
-            f, _ = self._confidence(x, removed.view(n, 1, height, width).to(self.dtype), target)
+            f, _ = self._confidence(x, removed.view(n, 1, height, width).to(self.dtype), target, fill)
         values[:, (math.ceil(pixels / k) - 1) * k :] = f.unsqueeze(1)
         return BackSelectResult(order.cpu().numpy(), values.cpu().numpy(), target.cpu().numpy(),
                                 full.cpu().numpy(), height, width, pixels_per_step=k)

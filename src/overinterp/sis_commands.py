@@ -42,9 +42,10 @@ def partial_path(out) -> Path:
 
 
 def run_shard(engine, images: torch.Tensor, index: np.ndarray, out, meta: dict,
-              checkpoint_seconds: float = 30.0, steps: bool = False) -> BackSelectResult:
+              checkpoint_seconds: float = 30.0, steps: bool = False, fill=None) -> BackSelectResult:
     """BackSelect ``images`` (rows ``index`` of the dataset) with ``engine`` and write ``out`` atomically,
-    in the step form with ``steps`` (see :meth:`BackSelectResult.to_arrays`).
+    in the step form with ``steps`` (see :meth:`BackSelectResult.to_arrays`); masked pixels take ``fill``'s
+    values (a :class:`~overinterp.fills.Fill`; default: the engine's baseline).
 
     Finished images are saved to a partial file beside ``out`` at most every ``checkpoint_seconds``; a
     rerun with the same ``meta`` (which should identify model, images and settings) continues from it.
@@ -76,7 +77,8 @@ def run_shard(engine, images: torch.Tensor, index: np.ndarray, out, meta: dict,
     todo = np.array([i for i in range(len(index)) if i not in done], dtype=np.int64)
     last_save = time.monotonic()
     if len(todo):
-        for i, row in engine.attribute_iter(images[torch.from_numpy(todo)]):
+        baselines = None if fill is None else fill.for_rows(index[todo], tuple(images.shape[1:]))
+        for i, row in engine.attribute_iter(images[torch.from_numpy(todo)], baselines=baselines):
             row.index = index[todo[i] : todo[i] + 1]
             done[int(todo[i])] = row
             if time.monotonic() - last_save >= checkpoint_seconds and len(done) < len(index):
@@ -236,7 +238,8 @@ def run_sis(args: argparse.Namespace) -> int:
         "method": args.method, "pixels_per_step": args.pixels_per_step if args.method == "gradient" else 1,
         "split": args.split, "size": args.size, "limit": args.limit, "shard": args.shard, "shards": args.shards,
         "mean": normalizer.mean.flatten().tolist(), "std": normalizer.std.flatten().tolist(),
-        "baseline": normalizer.baseline, "precision": args.precision, "storage": "steps" if args.steps else "orders",
+        "baseline": normalizer.baseline, **normalizer.fill.describe(), "precision": args.precision,
+        "storage": "steps" if args.steps else "orders",
         "model_md5": md5sum(args.model),
         "images_sha1": hashlib.sha1(images.numpy().tobytes()).hexdigest(),
     }
@@ -248,7 +251,10 @@ def run_sis(args: argparse.Namespace) -> int:
              args.shard, args.shards, engine.device, f", {meta['evaluator']}" if "evaluator" in meta else "")
     if args.steps and args.method != "gradient":
         raise ValueError("--steps stores the gradient method's steps; the exact method removes one pixel a step")
-    run_shard(engine, normalizer(images), split.index[rows], args.out, meta, args.checkpoint_seconds, args.steps)
+    if args.fill == "impute" and args.method != "gradient":
+        raise ValueError("--fill impute depends on the mask at every step; use --method gradient")
+    run_shard(engine, normalizer(images), split.index[rows], args.out, meta, args.checkpoint_seconds, args.steps,
+              normalizer.fill)
     return 0
 
 

@@ -59,14 +59,20 @@ def load_packed_keep_masks(path, split: str, expected_index: np.ndarray | None =
     arrays = load_npz(path, required=("height", "width"))
     if f"{split}_keep" not in arrays or f"{split}_index" not in arrays:
         raise ValueError(f"{path} has no keep-masks for the {split!r} split")
-    index = arrays[f"{split}_index"]
+    index, bits = arrays[f"{split}_index"], arrays[f"{split}_keep"]
     if expected_index is not None and not np.array_equal(index, expected_index):
+        # masks made for more images (a larger class-balanced subset, which holds every smaller one) serve
+        # any images they cover
+        position = {int(row): i for i, row in enumerate(index)}
+        if len(expected_index) < len(index) and all(int(row) in position for row in expected_index):
+            return KeepMasks(bits[[position[int(row)] for row in expected_index]], int(arrays["height"]),
+                             int(arrays["width"]))
         raise ValueError(
             f"{path}: keep-masks of the {split!r} split were made for other images than the ones loaded "
             f"({len(index)} vs {len(expected_index)} images, or a different subset). Rebuild the subsets "
             "with the same dataset sizes."
         )
-    return KeepMasks(arrays[f"{split}_keep"], int(arrays["height"]), int(arrays["width"]))
+    return KeepMasks(bits, int(arrays["height"]), int(arrays["width"]))
 
 
 def load_keep_masks(path, split: str, expected_index: np.ndarray | None = None) -> torch.Tensor:

@@ -234,7 +234,8 @@ SUBSET_PATTERN = r"(exact|gradient)-(bs|positions)-[0-9.]+|random-[0-9.]+"
 wildcard_constraints:
     model=SINGLE_MODEL_PATTERN + r"|(ensemble|pretrained)-[A-Za-z0-9_]+",
     split="train|test",
-    method="exact|gradient",
+    # "gradient-<fill>": backward selection with masked pixels filled otherwise (the masking control)
+    method=r"exact|gradient(-(mean|noise|impute))?",
     fraction=r"[0-9.]+",
     subset=SUBSET_PATTERN,
     seed=r"\d+",
@@ -452,6 +453,7 @@ REPORT_CATEGORY = {
     "mitigation": "4. Mitigation",
     "humaneval": "5. Human evaluation",
     "audit": "6. Audits",
+    "controls": "7. Controls: what the subsets mean",
 }
 
 
@@ -508,6 +510,7 @@ def all_outputs():
     outputs += mitigation_outputs()  # workflow/rules/mitigation.smk
     outputs += humaneval_outputs()  # workflow/rules/humaneval.smk
     outputs += figure_outputs()  # workflow/rules/figures.smk
+    outputs += control_outputs()  # workflow/rules/controls.smk
     if not config["cifar10"]["enabled"]:  # audits only (config/audit.yaml)
         outputs = []
     outputs += [f"results/audit/{name}/report.html" for name in AUDITS]  # audit.smk
@@ -593,6 +596,30 @@ def subsets_by_args(random=False):
     return "--by steps" + (
         f" --pixels-per-step {config['sis']['pixels_per_step']}" if random else ""
     )
+
+
+def split_method(method):
+    """("gradient", "noise") of a method name "gradient-noise"; the fill of a plain method is the mean colour."""
+    base, _, fill = method.partition("-")
+    return base, fill or "mean"
+
+
+def fill_args(fill):
+    """The options that fill masked pixels with ``fill`` (none for the paper's mean colour)."""
+    if fill == "mean":
+        return ""
+    return f"--fill {fill} --fill-seed {CONTROLS['seed']} --impute-noise {CONTROLS['masking']['impute_noise']}"
+
+
+def sis_job_args(wildcards):
+    """--method, the fill, and the split's size: a fill variant (the masking control) runs at the control's size."""
+    base, fill = split_method(wildcards.method)
+    size = (
+        control_size_arg(wildcards.split, "--size")
+        if base != wildcards.method
+        else split_size_arg(wildcards.split)
+    )
+    return f"--method {base} {fill_args(fill)} {size}"
 
 
 def sis_shards(model, method, split):
@@ -715,6 +742,12 @@ if mitigation_models():
     )
 if config["sis"]["compare_sample"]:
     REPORT_TABLES["sis_agreement"] = ("Exact vs gradient backward selection", "sis")
+CONTROL_TITLES = {
+    "smoothed": "Smoothed subsets: confidence on SIS, dilated SIS and random pixels",
+    "targeted": "Backward selection towards every class",
+    "masking": "Retraining on subsets under fills that hide the mask",
+    "swap": "Shape of one image, pixels of another",
+}
 
 
 def figure_outputs():
@@ -765,3 +798,123 @@ def retrain_runs(model):
 
 def entry_args(pairs):
     return " ".join(f"--entry {shlex.quote(name)} {path}" for name, path in pairs)
+
+
+# ------------------------------------------------------------------------ controls (controls.smk)
+CONTROLS = config["controls"]
+# The models the controls run on: each architecture's SIS replicate and the pretrained models.
+CONTROL_MODELS = [f"{arch}-s{sis_seed()}" for arch in ARCHITECTURES] + PRETRAINED_MODELS
+MASKING_KINDS = ["bs", "random"] + (
+    ["positions"] if config["subsets"]["positions_only"] else []
+)
+if CONTROLS["enabled"]:
+    REPORT_TABLES.update(
+        {
+            f"controls_{name}": (title, "controls")
+            for name, title in CONTROL_TITLES.items()
+        }
+    )
+
+
+def control_size(split):
+    size = CONTROLS["masking"][f"{split}_size"]
+    return config["dataset"][f"{split}_size"] if size is None else size
+
+
+def control_size_arg(split, flag):
+    size = control_size(split)
+    return "" if size is None else f"{flag} {size}"
+
+
+def check_control_sizes():
+    if not CONTROLS["enabled"]:
+        return
+    for split in ("train", "test"):
+        size, full = control_size(split), config["dataset"][f"{split}_size"]
+        key = f"controls.masking.{split}_size"
+        if size is not None and size % PRESENT_CLASSES:
+            config_error(
+                key,
+                f"{size} is not a multiple of the {PRESENT_CLASSES} classes",
+                f"Choose a multiple of {PRESENT_CLASSES}",
+            )
+        if size is not None and full is not None and size > full:
+            config_error(
+                key,
+                f"{size} is more than dataset.{split}_size = {full}: the control reuses the run's "
+                "random and mean-colour subsets, made for those images",
+                f"Choose at most {full}, or null",
+            )
+
+
+check_control_sizes()
+
+
+def masking_method(fill):
+    """The backward selection whose subsets the masking control retrains on under ``fill``: the run's own
+    when it is the gradient method with the mean colour, else the gradient method under that fill.
+    """
+    return (
+        SIS_METHOD
+        if fill == "mean" and SIS_METHOD == "gradient"
+        else f"gradient-{fill}"
+    )
+
+
+def masking_masks(model, fill, kind):
+    fraction = FRACTIONS[0]
+    if kind == "random":
+        return f"results/subsets/random-{fraction}.npz"
+    return f"results/subsets/{model}/{masking_method(fill)}/bs-{fraction}.npz"
+
+
+def masking_runs():
+    return [
+        f"results/controls/masking/{model}/{fill}/{kind}-s{seed}"
+        for model in CONTROL_MODELS
+        for fill in CONTROLS["masking"]["fills"]
+        for kind in MASKING_KINDS
+        for seed in CONTROLS["masking"]["retrain_seeds"] or RETRAIN_SEEDS
+    ]
+
+
+def swap_entries(model):
+    """(name, model file, keep-masks) the swap test shows swapped subsets to: the selecting model on its own
+    backward-selection subsets, and the models retrained on backward-selection and on random subsets.
+    """
+    fraction = FRACTIONS[0]
+    bs = f"{SIS_METHOD}-bs-{fraction}"
+    entries = [
+        ("original", f"results/models/{model}/model.pt", keep_masks(model, bs, True))
+    ]
+    for subset, name in (
+        (bs, "retrained on BS"),
+        (f"random-{fraction}", "retrained on random"),
+    ):
+        entries += [
+            (
+                f"{name} s{seed}",
+                f"results/retrain/{model}/{subset}-s{seed}/model.pt",
+                keep_masks(model, subset),
+            )
+            for seed in RETRAIN_SEEDS
+        ]
+    return entries
+
+
+def swap_args(wildcards):
+    return " ".join(
+        f"--entry {shlex.quote(name)} {path} {masks}"
+        for name, path, masks in swap_entries(wildcards.model)
+    )
+
+
+def control_outputs():
+    if not CONTROLS["enabled"]:
+        return []
+    return [
+        f"results/{kind}/controls_{name}.{ext}"
+        for name in CONTROL_TITLES
+        for kind, exts in (("tables", ("csv", "md")), ("figures", ("png", "pdf")))
+        for ext in exts
+    ]

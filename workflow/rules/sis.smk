@@ -20,13 +20,12 @@ rule sis_shard:
     resources:
         gpu=GPU_JOB,
     params:
-        size=lambda w: split_size_arg(w.split),
+        job=sis_job_args,
         shards=SIS_SHARDS,
         options=sis_args(),
     shell:
-        "python -m overinterp --threads {threads} sis --data {input.data} --model {input.model} --split {wildcards.split} {params.size} "
-        "--method {wildcards.method} --shard {wildcards.shard} --shards {params.shards} {params.options} "
-        "--out {output} 2> {log}"
+        "python -m overinterp --threads {threads} sis --data {input.data} --model {input.model} --split {wildcards.split} "
+        "{params.job} --shard {wildcards.shard} --shards {params.shards} {params.options} --out {output} 2> {log}"
 
 
 rule sis_merge:
