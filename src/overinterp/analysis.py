@@ -123,6 +123,12 @@ READABLE_COLUMNS = {
     "exact_kept_confidence_mean": ("confidence on exact subsets (%)", "%"),
     "gradient_kept_confidence_mean": ("confidence on gradient subsets (%)", "%"),
     "same_target": ("same class followed (%)", "%"),
+    "median_difference": ("median SIS, misclassified minus correct (points)", "%"),
+    "median_difference_low": ("… 95% CI low (points)", "%"),
+    "median_difference_high": ("… 95% CI high (points)", "%"),
+    "cliffs_delta": ("Cliff's delta (misclassified vs correct)", "g"),
+    "cliffs_delta_low": ("Cliff's delta: 95% CI low", "g"),
+    "cliffs_delta_high": ("Cliff's delta: 95% CI high", "g"),
     # controls (controls.py)
     "kept_share": ("kept (% of pixels)", "%"),
     "dilated_share": ("dilated (% of pixels)", "%"),
@@ -302,6 +308,48 @@ def sis_size_summary(frames: dict[str, pd.DataFrame], tau: float) -> pd.DataFram
     return pd.DataFrame(rows)
 
 
+def cliffs_delta(a: np.ndarray, b: np.ndarray) -> float:
+    """P(a > b) - P(a < b) over all pairs: -1..1, 0 = no difference (the Mann-Whitney U, rescaled)."""
+    if not len(a) or not len(b):
+        return float("nan")
+    u = stats.mannwhitneyu(a, b, alternative="two-sided").statistic
+    return float(2 * u / (len(a) * len(b)) - 1)
+
+
+def misclassified_comparison(sizes: pd.DataFrame, draws: int = 2000, seed: int = 0) -> dict:
+    """SIS size (fraction of the image) of misclassified vs correctly classified images: counts, medians,
+    the difference of medians (misclassified minus correct) and Cliff's delta (misclassified vs correct;
+    negative = misclassified images have smaller SIS), each with a 95% percentile bootstrap interval
+    (both groups resampled), and the two-sided Mann-Whitney p."""
+    right = sizes.loc[sizes["correct"], "sis_fraction"].to_numpy(float)
+    wrong = sizes.loc[~sizes["correct"], "sis_fraction"].to_numpy(float)
+    row = {"correct_n": len(right), "incorrect_n": len(wrong),
+           "correct_median": np.median(right) if len(right) else np.nan,
+           "incorrect_median": np.median(wrong) if len(wrong) else np.nan}
+    row["median_difference"] = row["incorrect_median"] - row["correct_median"]
+    row["median_difference_low"] = row["median_difference_high"] = np.nan
+    row["cliffs_delta"] = cliffs_delta(wrong, right)
+    row["cliffs_delta_low"] = row["cliffs_delta_high"] = np.nan
+    row["p_value"] = (float(stats.mannwhitneyu(wrong, right, alternative="two-sided").pvalue)
+                      if len(right) and len(wrong) else np.nan)
+    if len(right) >= 2 and len(wrong) >= 2:
+        rng = np.random.default_rng(seed)
+        diffs, deltas = np.empty(draws), np.empty(draws)
+        for i in range(draws):
+            r, w = rng.choice(right, len(right)), rng.choice(wrong, len(wrong))
+            diffs[i], deltas[i] = np.median(w) - np.median(r), cliffs_delta(w, r)
+        for key, values in (("median_difference", diffs), ("cliffs_delta", deltas)):
+            row[f"{key}_low"], row[f"{key}_high"] = np.quantile(values, [0.025, 0.975])
+    return row
+
+
+def misclassified_table(frames: dict[tuple[str, float], pd.DataFrame], draws: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """One row per (model, tau) of :func:`misclassified_comparison`; ``frames`` from :func:`sis_sizes`."""
+    return pd.DataFrame([{"model": model, "tau": tau, "images_at_tau": len(frame),
+                          **misclassified_comparison(frame, draws, seed)}
+                         for (model, tau), frame in frames.items()])
+
+
 def mitigation_table(summaries: pd.DataFrame, sis_sizes_by_model: dict[str, pd.DataFrame], tau: float) -> pd.DataFrame:
     """Per model (single, input dropout, ensemble): test accuracy, SIS size at tau, the model's accuracy and
     confidence on its own backward-selection subsets, and retrained accuracy where it was run."""
@@ -344,6 +392,16 @@ def add_commands(subparsers) -> None:
     s.add_argument("--per-image-dir", required=True, help="writes <dir>/<model>.csv")
     s.add_argument("--summary", required=True, help="output prefix: PREFIX.csv and PREFIX.md")
     s.set_defaults(handler=run_sis_sizes)
+    s = sub.add_parser("misclassified", help="SIS sizes of misclassified vs correct images at several thresholds, "
+                                             "with effect sizes and bootstrap intervals")
+    s.add_argument("--taus", type=float, nargs="+", required=True, help="the thresholds compared")
+    s.add_argument("--entry", nargs="+", action="append", required=True, metavar="MODEL SIS... PREDICTIONS",
+                   help="as for sis-sizes")
+    s.add_argument("--draws", type=int, default=2000, help="bootstrap resamples (default: 2000)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default: 0)")
+    s.add_argument("--out", required=True,
+                   help="output prefix: PREFIX.csv and PREFIX.md (per model and threshold), PREFIX-images.csv (per image)")
+    s.set_defaults(handler=run_misclassified)
     m = sub.add_parser("mitigation", help="ensembles and input dropout against single models")
     m.add_argument("--tau", type=float, required=True, help="SIS threshold: f (the predicted class's probability) the subset must keep")
     m.add_argument("--out", required=True, help="output prefix: PREFIX.csv and PREFIX.md")
@@ -386,6 +444,23 @@ def run_sis_sizes(args) -> int:
     summary = sis_size_summary(frames, args.tau)
     save_dataframe(f"{args.summary}.csv", summary)
     save_dataframe(f"{args.summary}.md", readable_table(summary))
+    return 0
+
+
+def run_misclassified(args) -> int:
+    frames = {}
+    for entry in args.entry:
+        if len(entry) < 3:
+            raise ValueError(f"--entry needs MODEL SIS... PREDICTIONS, got {' '.join(entry)!r}")
+        for tau in args.taus:
+            frames[entry[0], tau] = sis_sizes(entry[1:-1], entry[-1], tau)
+    table = misclassified_table(frames, args.draws, args.seed)
+    save_dataframe(f"{args.out}.csv", table)
+    save_dataframe(f"{args.out}.md", readable_table(table))
+    images = pd.concat([frame.assign(model=model, tau=tau) for (model, tau), frame in frames.items()],
+                       ignore_index=True)
+    save_dataframe(f"{args.out}-images.csv", images[["model", "tau", "index", "label", "prediction", "correct",
+                                                     "full_confidence", "sis_fraction"]])
     return 0
 
 

@@ -320,6 +320,49 @@ def sis_size_figure(frames: dict[str, pd.DataFrame], summary: pd.DataFrame, pref
         return save_figure(fig, prefix)
 
 
+def misclassified_figure(images: pd.DataFrame, table: pd.DataFrame, prefix) -> Figure:
+    """Per model, SIS size distributions of correct and misclassified images at each threshold (boxes:
+    quartiles, whiskers 5th-95th percentile, points beyond), with the counts and Cliff's delta."""
+    models = list(dict.fromkeys(table["model"]))
+    colors = {True: OKABE_ITO["blue"], False: OKABE_ITO["vermillion"]}
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, max(len(models), 1), figsize=(min(WIDTH, 3.4 * len(models) + 0.4), 3.3),
+                                 layout="constrained", squeeze=False)
+        for ax, model in zip(axes[0], models):
+            rows = table[table["model"] == model].sort_values("tau", ascending=False)
+            for x, (_, row) in enumerate(rows.iterrows()):
+                part = images[(images["model"] == model) & np.isclose(images["tau"], row["tau"])]
+                for side, correct in ((-1, True), (1, False)):
+                    values = part.loc[part["correct"] == correct, "sis_fraction"].to_numpy(float)
+                    if len(values):
+                        ax.boxplot(values, positions=[x + side * 0.18], widths=0.3, whis=(5, 95),
+                                   patch_artist=True,
+                                   boxprops={"facecolor": colors[correct], "alpha": 0.75, "lw": 0.6},
+                                   medianprops={"color": "black", "lw": 1}, flierprops={"ms": 2},
+                                   whiskerprops={"lw": 0.6}, capprops={"lw": 0.6})
+                    ax.text(x + side * 0.18, -0.06, f"{len(values):,}", ha="center", va="top", fontsize=6,
+                            color=colors[correct], transform=ax.get_xaxis_transform())
+                delta = row["cliffs_delta"]
+                if np.isfinite(delta):
+                    interval = (f"\n[{row['cliffs_delta_low']:.2f}, {row['cliffs_delta_high']:.2f}]"
+                                if np.isfinite(row["cliffs_delta_low"]) else "")
+                    ax.text(x, 1.01, f"δ = {delta:.2f}{interval}", ha="center", va="bottom", fontsize=6,
+                            transform=ax.get_xaxis_transform())
+            ax.set_xticks(range(len(rows)), [f"τ = {t:g}" for t in rows["tau"]])
+            ax.tick_params(axis="x", pad=12)
+            ax.set_xlim(-0.6, len(rows) - 0.4)
+            ax.set(ylabel="SIS size (fraction of the image)")
+            ax.set_title(model, pad=22)
+            _percent_axis(ax)
+        handles = [Patch(color=colors[c], alpha=0.75, label=name)
+                   for c, name in ((True, "correct"), (False, "misclassified"))]
+        fig.legend(handles=handles, loc="outside lower center", ncol=2, frameon=False, fontsize=7,
+                   title="counts under the boxes; δ: Cliff's delta, misclassified vs correct, 95% bootstrap CI",
+                   title_fontsize=6.5)
+        fig.suptitle("SIS sizes of misclassified and correct test images by threshold", fontsize=9)
+        return save_figure(fig, prefix)
+
+
 def mitigation_figure(frames: dict[str, pd.DataFrame], table: pd.DataFrame, prefix, tau: float) -> Figure:
     """Single models against input-dropout models and ensembles: (a) SIS size distributions at tau,
     (b) each model's accuracy and mean confidence on its own backward-selection subsets."""
@@ -586,6 +629,9 @@ def add_commands(subparsers) -> None:
     s.add_argument("--title", default=None, help="figure title (default: none)")
     add_normalization_arguments(s)
     add_device_argument(s)
+    s = add("misclassified", run_misclassified, "SIS sizes of misclassified vs correct images by threshold")
+    s.add_argument("--table", required=True, help="misclassified_sis.csv (`overinterp tables misclassified`)")
+    s.add_argument("--images", required=True, help="its per-image table (misclassified_sis-images.csv)")
     s = add("mitigation", run_mitigation, "ensembles and input dropout against single models")
     s.add_argument("--entry", nargs=2, action="append", required=True, metavar=("MODEL", "CSV"),
                    help="a model name and its per-image SIS size table")
@@ -623,6 +669,11 @@ def run_confidence_curves(args) -> int:
 def run_sis_sizes(args) -> int:
     frames = {model: pd.read_csv(path) for model, path in args.entry}
     sis_size_figure(frames, pd.read_csv(args.summary), args.out, args.tau)
+    return 0
+
+
+def run_misclassified(args) -> int:
+    misclassified_figure(pd.read_csv(args.images), pd.read_csv(args.table), args.out)
     return 0
 
 

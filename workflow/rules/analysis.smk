@@ -47,6 +47,32 @@ rule sis_size_tables:
         "--per-image-dir results/tables/sis_sizes --summary results/tables/sis_sizes 2> {log}"
 
 
+# Misclassified vs correct images at several thresholds (the paper: misclassified images have smaller SIS).
+rule misclassified_sis:
+    input:
+        sis=expand(
+            "results/sis/{model}/{method}/test.npz",
+            model=compared_models(),
+            method=SIS_METHOD,
+        ),
+        predictions=expand("results/eval/{model}/full.csv", model=compared_models()),
+    output:
+        multiext("results/tables/misclassified_sis", ".csv", ".md", "-images.csv"),
+    log:
+        "logs/tables/misclassified_sis.log",
+    conda:
+        "../../envs/overinterp.yaml"
+    params:
+        taus=" ".join(map(str, config["sis"]["misclassified_taus"])),
+        entries=lambda w, input: " ".join(
+            f"--entry {m} {s} {p}"
+            for m, s, p in zip(compared_models(), input.sis, input.predictions)
+        ),
+    shell:
+        "python -m overinterp tables misclassified --taus {params.taus} {params.entries} "
+        "--out results/tables/misclassified_sis 2> {log}"
+
+
 rule headline:
     input:
         table1="results/tables/table1.csv",

@@ -734,6 +734,10 @@ REPORT_TABLES = {
         f"SIS sizes at tau = {config['sis']['tau']:g}, correct vs incorrect",
         "sis",
     ),
+    "misclassified_sis": (
+        "SIS sizes of misclassified vs correct images, by threshold",
+        "sis",
+    ),
 }
 if mitigation_models():
     REPORT_TABLES["mitigation"] = (
@@ -757,6 +761,7 @@ def figure_outputs():
         "fraction_sweep",
         "confidence_curves",
         "sis_sizes",
+        "misclassified_sis",
     ]
     if config["figures"]["sis_examples_per_class"]:
         names += [f"sis_examples/{model}" for model in sis_models()]

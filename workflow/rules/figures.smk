@@ -191,6 +191,29 @@ rule figure_fraction_sweep:
         "--out {params.prefix} 2> {log}"
 
 
+rule figure_misclassified_sis:
+    input:
+        table="results/tables/misclassified_sis.csv",
+        images="results/tables/misclassified_sis-images.csv",
+    output:
+        png=report(
+            "results/figures/misclassified_sis.png",
+            caption="../report/misclassified_sis.rst",
+            category=REPORT_CATEGORY["sis"],
+            subcategory="SIS sizes",
+        ),
+        pdf="results/figures/misclassified_sis.pdf",
+    log:
+        "logs/figures/misclassified_sis.log",
+    conda:
+        "../../envs/overinterp.yaml"
+    params:
+        prefix=figure_prefix,
+    shell:
+        "python -m overinterp figures misclassified --table {input.table} --images {input.images} "
+        "--out {params.prefix} 2> {log}"
+
+
 # One rule per report table (caption workflow/report/table_<name>.rst).
 for _table, (_title, _stage) in REPORT_TABLES.items():
 
