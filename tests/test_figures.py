@@ -295,11 +295,11 @@ def test_sis_examples_reject_foreign_results(cifar_npz, sis_example_inputs, tmp_
 
 def expected_outputs(model="tiny-s0"):
     controls = [f"controls_{name}" for name in ("smoothed", "targeted", "masking", "swap")]
-    names = ["training_curves", "table1", "fraction_sweep", "confidence_curves", "sis_sizes",
+    names = ["training_curves", "table1", "fraction_sweep", "confidence_curves", "sis_sizes", "misclassified_sis",
              f"sis_examples/{model}", f"retrain_curves/{model}", *controls]
     figures_ = [f"results/figures/{name}.{ext}" for name in names for ext in ("png", "pdf")]
     tables = [f"results/tables/{t}.{ext}" for t in ("table1", "fraction_sweep", "sis_sizes", "sis_agreement",
-                                                     *controls)
+                                                     "misclassified_sis", *controls)
               for ext in ("csv", "md", "html")]
     return figures_, tables + ["results/tables/table1.tex"]
 
