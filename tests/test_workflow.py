@@ -32,12 +32,14 @@ def test_smoke_run_is_complete(smoke_run):
 def test_paper_configuration_builds_its_dag(tmp_path):
     dry = snakemake(tmp_path, "-n", configfiles=(REPO / "config/config.yaml",))
     counts = job_counts(dry.stdout)
-    # 3 architectures x 3 replicate seeds plus one input-dropout model per architecture, from one download;
-    # ensembles of each architecture's seeds and one across architectures are evaluated too.
+    # 3 architectures x 3 replicate seeds plus one input-dropout and one adversarially trained model per
+    # architecture, from one download; ensembles of each architecture's seeds and one across architectures
+    # are evaluated too.
     assert counts["download_cifar10"] == 1
-    assert counts["train"] == 9 + 3
+    assert counts["train"] == 9 + 3 + 3
     assert counts["ensemble"] == 3 + 1
-    assert counts["evaluate"] == 9 + 3 + 4
+    assert counts["evaluate"] == 9 + 3 + 3 + 4
+    assert counts["robustness"] == 3 + 3 and counts["control_masking_retrain"] == 3 * 3 * 3 * 3
     for model in ("cifar_resnet20-s0", "cifar_resnet18-s1", "cifar_vgg16_bn-s2"):
         assert f"results/models/{model}/model.pt" in dry.stdout
 

@@ -129,6 +129,11 @@ READABLE_COLUMNS = {
     "cliffs_delta": ("Cliff's delta (misclassified vs correct)", "g"),
     "cliffs_delta_low": ("Cliff's delta: 95% CI low", "g"),
     "cliffs_delta_high": ("Cliff's delta: 95% CI high", "g"),
+    "clean_accuracy": ("clean accuracy (%)", "%"),
+    "robust_accuracy": ("PGD accuracy (%)", "%"),
+    "epsilon": ("ε (pixel units)", "g"),
+    "step_size": ("step (pixel units)", "g"),
+    "steps": ("PGD steps", "int"),
     # controls (controls.py)
     "kept_share": ("kept (% of pixels)", "%"),
     "dilated_share": ("dilated (% of pixels)", "%"),
@@ -402,6 +407,10 @@ def add_commands(subparsers) -> None:
     s.add_argument("--out", required=True,
                    help="output prefix: PREFIX.csv and PREFIX.md (per model and threshold), PREFIX-images.csv (per image)")
     s.set_defaults(handler=run_misclassified)
+    r = sub.add_parser("robustness", help="clean and PGD accuracy, one row per model")
+    r.add_argument("--out", required=True, help="output prefix: PREFIX.csv and PREFIX.md")
+    r.add_argument("summaries", nargs="+", help="robustness summaries (.json) of `overinterp robustness`")
+    r.set_defaults(handler=run_robustness_table)
     m = sub.add_parser("mitigation", help="ensembles and input dropout against single models")
     m.add_argument("--tau", type=float, required=True, help="SIS threshold: f (the predicted class's probability) the subset must keep")
     m.add_argument("--out", required=True, help="output prefix: PREFIX.csv and PREFIX.md")
@@ -461,6 +470,14 @@ def run_misclassified(args) -> int:
                        ignore_index=True)
     save_dataframe(f"{args.out}-images.csv", images[["model", "tau", "index", "label", "prediction", "correct",
                                                      "full_confidence", "sis_fraction"]])
+    return 0
+
+
+def run_robustness_table(args) -> int:
+    columns = ["model", "kind", "n", "clean_accuracy", "robust_accuracy", "epsilon", "step_size", "steps"]
+    table = read_summaries(args.summaries).reindex(columns=columns)
+    save_dataframe(f"{args.out}.csv", table)
+    save_dataframe(f"{args.out}.md", readable_table(table))
     return 0
 
 

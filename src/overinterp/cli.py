@@ -20,13 +20,13 @@ COMMANDS = {
     "train": "train",
     "evaluate": "evaluate", "sis": "sis_commands", "sis-merge": "sis_commands", "sis-agreement": "sis_commands",
     "sis-agreement-table": "sis_commands", "subsets": "subsets", "tables": "analysis", "figures": "figures",
-    "controls": "controls", "humaneval": "humaneval", "publish": "artifacts", "pull": "artifacts", "audit": "audit", "watch": "progress",
+    "controls": "controls", "robustness": "robust", "humaneval": "humaneval", "publish": "artifacts", "pull": "artifacts", "audit": "audit", "watch": "progress",
 }
 OPTIONS_WITH_VALUES = {"--log-level", "--threads"}
 # The subcommands by stage, in pipeline order, for `overinterp --help`.
 STAGES = {
     "data": ["download", "convert"],
-    "models": ["train", "model", "ensemble", "evaluate"],
+    "models": ["train", "model", "ensemble", "evaluate", "robustness"],
     "backward selection (SIS)": ["sis", "sis-merge", "sis-agreement", "sis-agreement-table"],
     "pixel subsets": ["subsets"],
     "controls of what the subsets mean": ["controls"],

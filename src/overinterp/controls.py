@@ -404,7 +404,7 @@ def add_commands(subparsers) -> None:
     s.add_argument("--seed", type=int, default=0, help="seed of the pairing (default: 0)")
     s.add_argument("--out", required=True, help="per-image table (.csv), all entries")
     s = add("report", run_report, "one control's table (CSV + Markdown) and figure (PNG + PDF)", data=False)
-    s.add_argument("control", choices=["smoothed", "targeted", "masking", "swap"])
+    s.add_argument("control", choices=["smoothed", "targeted", "masking", "swap"], help="which control")
     s.add_argument("--entry", nargs=2, action="append", default=[], metavar=("NAME", "CSV"),
                    help="a model and its control table (smoothed, targeted, swap)")
     s.add_argument("--summaries", nargs="*", default=[],

@@ -368,7 +368,8 @@ def mitigation_figure(frames: dict[str, pd.DataFrame], table: pd.DataFrame, pref
     (b) each model's accuracy and mean confidence on its own backward-selection subsets."""
     models = list(frames)
     kinds = table.set_index("model")["kind"].reindex(models).fillna("single").tolist()
-    colors = {"single": OKABE_ITO["blue"], "input_dropout": OKABE_ITO["orange"], "ensemble": OKABE_ITO["green"]}
+    colors = {"single": OKABE_ITO["blue"], "input_dropout": OKABE_ITO["orange"], "ensemble": OKABE_ITO["green"],
+              "adversarial": OKABE_ITO["purple"]}
     with plt.rc_context(STYLE):
         fig, (ax_sizes, ax_own) = plt.subplots(1, 2, figsize=(WIDTH, 0.45 * len(models) + 1.6), layout="constrained")
         data = [frames[m]["sis_fraction"].dropna().to_numpy(float) for m in models]
@@ -378,7 +379,7 @@ def mitigation_figure(frames: dict[str, pd.DataFrame], table: pd.DataFrame, pref
                                      widths=0.6, patch_artist=True, showfliers=False,
                                      medianprops={"color": "black"})
             for patch, kind in zip(boxes["boxes"], kinds):
-                patch.set_facecolor(colors.get(kind, OKABE_ITO["purple"]))
+                patch.set_facecolor(colors.get(kind, "#999999"))
                 patch.set_alpha(0.7)
             ax_sizes.set_yticks(positions, [f"{m} (n = {len(d)})" for m, d in zip(models, data)])
             ax_sizes.set_xlabel(f"SIS size at τ = {tau:g} (fraction of the image)")

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from .data import Normalizer, Split, add_normalization_arguments, load_split, model_inputs, normalizer_from_args
 from .evaluate import predict_split
 from .models import ARCHITECTURES, DEPRECATED_NAMES, build_model, save_model
+from .robust import pgd
 from .utils import add_device_argument, load_torch, resolve_device, save_dataframe, save_torch
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,11 @@ class Recipe(FromDict):
     # The ImageNet recipe's random-resized crop instead of the padded crop: a box of min_scale..100% of the
     # image's area (aspect 3/4..4/3) resized back to the input size; null = none (CIFAR-10's recipe).
     min_scale: float | None = None
+    # Adversarial training (Madry et al.): each batch replaced by its PGD attack under an L-infinity budget
+    # of adversarial_epsilon pixel units (CIFAR-10's standard: 8/255, steps of 2/255, 7 steps); 0 = none.
+    adversarial_epsilon: float = 0.0
+    adversarial_step_size: float = 2 / 255
+    adversarial_steps: int = 7
 
 
 class Trainer:
@@ -208,6 +214,8 @@ def train_model(
     read from its files batch by batch, with the same batches and augmentation as in memory."""
     if positions_only and keep is None:
         raise ValueError("positions_only training needs keep-masks")
+    if recipe.adversarial_epsilon > 0 and keep is not None:
+        raise ValueError("adversarial training is for full images; pixel subsets are retrained with the plain recipe")
     torch.manual_seed(seed)
     model = build_model(arch, recipe.input_dropout, normalizer.baseline, len(train.classes)).to(
         device, memory_format=torch.channels_last)
@@ -235,6 +243,9 @@ def train_model(
             x = model_inputs(normalizer, images, masks, positions_only)
             x = augment(x, recipe.crop_padding, recipe.flip, normalizer.baseline, generator, recipe.min_scale)
             x = x.contiguous(memory_format=torch.channels_last)
+            if recipe.adversarial_epsilon > 0:  # attacked in training mode, as Madry et al.'s reference does
+                x = pgd(model, x, y, normalizer, recipe.adversarial_epsilon, recipe.adversarial_step_size,
+                        recipe.adversarial_steps, generator)
             with autocast:
                 logits = model(x)
                 loss = F.cross_entropy(logits, y)

@@ -220,10 +220,18 @@ if not ARCHITECTURES and not PRETRAINED:
 # Models are named "<architecture>-s<seed>"; for the mitigation experiments also
 # "<architecture>-dropout-s<seed>" (trained with input dropout) and "ensemble-<architecture>" (its replicate
 # seeds) or "ensemble-mixed" (one replicate of every architecture): an ensemble averages its members' logits.
-# A pretrained model (models.pretrained) is "pretrained-<name>".
+# "<architecture>-adv-s<seed>" is adversarially trained (config `adversarial`). A pretrained model
+# (models.pretrained) is "pretrained-<name>".
 MODELS = [f"{arch}-s{seed}" for arch in ARCHITECTURES for seed in SEEDS]
 PRETRAINED_MODELS = [f"pretrained-{name}" for name in PRETRAINED]
-SINGLE_MODEL_PATTERN = r"[A-Za-z0-9_]+?(-dropout)?-s\d+"
+SINGLE_MODEL_PATTERN = r"[A-Za-z0-9_]+?(-dropout|-adv)?-s\d+"
+ADVERSARIAL = config["adversarial"]
+# Adversarially trained models: replicate `sis.seed` of each architecture, selecting models like the others.
+ADVERSARIAL_MODELS = (
+    [f"{arch}-adv-s{config['sis']['seed'] or SEEDS[0]}" for arch in ARCHITECTURES]
+    if ADVERSARIAL["enabled"]
+    else []
+)
 SIS_METHOD = config["sis"]["method"]
 FRACTIONS = [fraction_name(f) for f in config["subsets"]["fractions"]]
 RETRAIN_SEEDS = config["subsets"]["retrain_seeds"]
@@ -256,7 +264,11 @@ def sis_seed():
 def sis_models():
     """The models whose train and test images go through backward selection: replicate `sis.seed` of each
     architecture (plus the mitigation models when `mitigation.retrain` is set)."""
-    models = [f"{arch}-s{sis_seed()}" for arch in ARCHITECTURES] + PRETRAINED_MODELS
+    models = (
+        [f"{arch}-s{sis_seed()}" for arch in ARCHITECTURES]
+        + PRETRAINED_MODELS
+        + ADVERSARIAL_MODELS
+    )
     if config["mitigation"]["retrain"]:
         models += mitigation_models()
     return models
@@ -286,8 +298,13 @@ def keep_masks(model, subset, test_only=False):
 
 def evaluation_tags(model, evaluated="trained", subset=None, seed=None):
     """Metadata stored in an evaluation summary, from which the tables are grouped."""
-    tags = {  # a pretrained model's rows are its own, whatever else its architecture selects
-        "architecture": model if parse_model(model)["pretrained"] else arch_of(model),
+    parsed = parse_model(model)
+    tags = {  # a pretrained or adversarially trained model's rows are its own
+        "architecture": (
+            model
+            if parsed["pretrained"]
+            else f"{parsed['arch']}-adv" if parsed["adversarial"] else parsed["arch"]
+        ),
         "model": model,
         "kind": model_kind(model),
         "evaluated": evaluated,
@@ -300,7 +317,8 @@ def evaluation_tags(model, evaluated="trained", subset=None, seed=None):
 def comparison_summaries():
     """Every evaluation summary behind Table 1 and the fraction sweep."""
     summaries = [
-        f"results/eval/{model}/full.json" for model in MODELS + PRETRAINED_MODELS
+        f"results/eval/{model}/full.json"
+        for model in MODELS + PRETRAINED_MODELS + ADVERSARIAL_MODELS
     ]
     for model in sis_models():
         for fraction in FRACTIONS:
@@ -325,6 +343,7 @@ def parse_model(model):
             "arch": PRETRAINED[name]["model"],
             "seed": None,
             "dropout": False,
+            "adversarial": False,
             "ensemble": None,
             "pretrained": name,
         }
@@ -334,16 +353,18 @@ def parse_model(model):
             "arch": ARCHITECTURES[0] if name == "mixed" else name,
             "seed": None,
             "dropout": False,
+            "adversarial": False,
             "ensemble": name,
             "pretrained": None,
         }
     match = re.fullmatch(
-        r"(?P<arch>[A-Za-z0-9_]+?)(?P<dropout>-dropout)?-s(?P<seed>\d+)", model
+        r"(?P<arch>[A-Za-z0-9_]+?)(?P<variant>-dropout|-adv)?-s(?P<seed>\d+)", model
     )
     return {
         "arch": match["arch"],
         "seed": int(match["seed"]),
-        "dropout": bool(match["dropout"]),
+        "dropout": match["variant"] == "-dropout",
+        "adversarial": match["variant"] == "-adv",
         "ensemble": None,
         "pretrained": None,
     }
@@ -362,6 +383,8 @@ def model_kind(model):
     parsed = parse_model(model)
     if parsed["pretrained"]:
         return "pretrained"
+    if parsed["adversarial"]:
+        return "adversarial"
     return (
         "ensemble"
         if parsed["ensemble"]
@@ -424,6 +447,12 @@ def recipe_json(model=None):
     recipe = {k: v for k, v in config["train"].items() if v is not None}
     if model is not None and parse_model(model)["dropout"]:
         recipe["input_dropout"] = config["mitigation"]["input_dropout"]
+    if model is not None and parse_model(model)["adversarial"]:
+        recipe.update(
+            adversarial_epsilon=ADVERSARIAL["epsilon"],
+            adversarial_step_size=ADVERSARIAL["step_size"],
+            adversarial_steps=ADVERSARIAL["steps"],
+        )
     return shlex.quote(json.dumps(recipe, sort_keys=True))
 
 
@@ -498,8 +527,10 @@ def headline_settings():
 
 def all_outputs():
     outputs = [
-        f"results/eval/{model}/full.json" for model in MODELS + PRETRAINED_MODELS
+        f"results/eval/{model}/full.json"
+        for model in MODELS + PRETRAINED_MODELS + ADVERSARIAL_MODELS
     ]
+    outputs += robustness_outputs()  # workflow/rules/robust.smk
     outputs += [
         HEADLINE,
         "results/tables/table1.md",
@@ -739,6 +770,8 @@ REPORT_TABLES = {
         "sis",
     ),
 }
+if ADVERSARIAL["enabled"]:
+    REPORT_TABLES["robustness"] = ("Clean and PGD accuracy", "training")
 if mitigation_models():
     REPORT_TABLES["mitigation"] = (
         "Ensembles and input dropout against single models",
@@ -923,3 +956,28 @@ def control_outputs():
         for kind, exts in (("tables", ("csv", "md")), ("figures", ("png", "pdf")))
         for ext in exts
     ]
+
+
+# ---------------------------------------------------------- adversarial robustness (robust.smk)
+def robustness_models():
+    """The full-image models whose clean and PGD accuracy is compared: the adversarially trained ones and
+    the standard models they are set against."""
+    return [f"{arch}-s{sis_seed()}" for arch in ARCHITECTURES] + ADVERSARIAL_MODELS
+
+
+def robustness_outputs():
+    if not ADVERSARIAL["enabled"]:
+        return []
+    return multiext("results/tables/robustness", ".csv", ".md")
+
+
+def control_report_inputs(control):
+    if control == "masking":
+        return [f"{run}/test.json" for run in masking_runs()]
+    return [f"results/controls/{control}/{model}.csv" for model in CONTROL_MODELS]
+
+
+def control_report_args(control, input):
+    if control == "masking":
+        return f"--summaries {' '.join(input)} --chance {CHANCE}"
+    return f"{entry_args(zip(CONTROL_MODELS, input))} --tau {config['sis']['tau']} --chance {CHANCE}"

@@ -147,18 +147,6 @@ rule control_swap:
         "--seed {params.seed} --out {output} 2> {log}"
 
 
-def control_report_inputs(control):
-    if control == "masking":
-        return [f"{run}/test.json" for run in masking_runs()]
-    return [f"results/controls/{control}/{model}.csv" for model in CONTROL_MODELS]
-
-
-def control_report_args(control, input):
-    if control == "masking":
-        return f"--summaries {' '.join(input)} --chance {CHANCE}"
-    return f"{entry_args(zip(CONTROL_MODELS, input))} --tau {config['sis']['tau']} --chance {CHANCE}"
-
-
 # One rule per control's table and figure (caption workflow/report/controls_<name>.rst).
 for _control, _title in CONTROL_TITLES.items():
 
