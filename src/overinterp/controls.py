@@ -61,8 +61,8 @@ def _class_probabilities(model, normalizer, images, keep, classes, batch_size: i
 
 def smoothed(model, normalizer, split, result, tau: float, fraction: float, seed: int) -> pd.DataFrame:
     """Per test image and subset kind (``sis`` at ``tau``, where the image has one; ``bs``, the pixels
-    removed last, ``fraction`` of the image): the selected class's probability and whether it is still the
-    prediction, on the subset, on the subset dilated by 3x3, and on random pixels as many as the dilated
+    removed last, ``fraction`` of the image): the selected class's probability, whether it is still the
+    prediction and whether the prediction is the label, on the subset, on the subset dilated by 3x3, and on random pixels as many as the dilated
     subset has."""
     from .sis import keep_last, sis_mask
 
@@ -94,6 +94,7 @@ def smoothed(model, normalizer, split, result, tau: float, fraction: float, seed
             confidence, prediction = _class_probabilities(model, normalizer, images[picked], mask, target)
             frame[f"confidence_{name}"] = confidence
             frame[f"predicted_{name}"] = prediction == target
+            frame[f"correct_{name}"] = prediction == labels[picked]
         frames.append(frame)
     return pd.concat(frames, ignore_index=True)
 
@@ -181,6 +182,8 @@ def smoothed_table(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
             for name in ("subset", "dilated", "random"):
                 row[f"confidence_{name}"] = part[f"confidence_{name}"].mean()
                 row[f"predicted_{name}"] = part[f"predicted_{name}"].mean()
+                if f"correct_{name}" in part:
+                    row[f"accuracy_{name}"] = part[f"correct_{name}"].mean()
             row["confidence_drop_low"], row["confidence_drop_high"] = _bootstrap_mean(
                 part["confidence_subset"] - part["confidence_dilated"])
             rows.append(row)
