@@ -267,16 +267,16 @@ def test_smoke_run_runs_the_four_controls(smoke_run):
     assert set(swap["model"]) == {"original", "retrained on BS s0", "retrained on BS s1",
                                   "retrained on random s0", "retrained on random s1"}
     assert (swap["label"] != swap["partner_label"]).all() and len(swap) == 5 * 100
-    # the masking control: backward selection under each fill at the control's size (100/50 images), and
+    # the masking control: backward selection under each fill at the control's size (90/30 images), and
     # models retrained under it; the mean colour reuses the run's own subsets, narrowed to those images
     for fill in ("noise", "impute"):
         with np.load(results / f"sis/tiny-s0/gradient-{fill}/train.npz") as sis:
             meta = json.loads(str(sis["meta"]))
-            assert meta["fill"] == fill and len(sis["index"]) == 100
+            assert meta["fill"] == fill and len(sis["index"]) == 90
     summaries = [json.loads(p.read_text()) for p in sorted((results / "controls/masking").rglob("test.json"))]
     assert sorted((s["fill"], s["subset"]) for s in summaries) == sorted(
         (f, k) for f in ("mean", "noise", "impute") for k in ("bs", "random", "positions"))
-    assert all(s["n"] == 50 for s in summaries)
+    assert all(s["n"] == 30 for s in summaries)
     table = pd.read_csv(results / "tables/controls_masking.csv")
     assert list(table["fill"]) == ["mean", "noise", "impute"]
     np.testing.assert_allclose(table["bs_minus_random"], table["bs_accuracy"] - table["random_accuracy"])
