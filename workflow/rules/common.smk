@@ -770,7 +770,7 @@ REPORT_TABLES = {
         "sis",
     ),
 }
-if ADVERSARIAL["enabled"]:
+if ADVERSARIAL_MODELS:
     REPORT_TABLES["robustness"] = ("Clean and PGD accuracy", "training")
 if mitigation_models():
     REPORT_TABLES["mitigation"] = (
@@ -966,7 +966,7 @@ def robustness_models():
 
 
 def robustness_outputs():
-    if not ADVERSARIAL["enabled"]:
+    if not ADVERSARIAL_MODELS:
         return []
     return multiext("results/tables/robustness", ".csv", ".md")
 
