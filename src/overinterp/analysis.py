@@ -324,11 +324,17 @@ def cliffs_delta(a: np.ndarray, b: np.ndarray) -> float:
     return float(2 * u / (len(a) * len(b)) - 1)
 
 
+# Fewer images than this in either group and a bootstrap interval would only restate the few values drawn
+# (two errors give three possible medians): no interval is given.
+MIN_BOOTSTRAP_GROUP = 10
+
+
 def misclassified_comparison(sizes: pd.DataFrame, draws: int = 2000, seed: int = 0) -> dict:
     """SIS size (fraction of the image) of misclassified vs correctly classified images: counts, medians,
     the difference of medians (misclassified minus correct) and Cliff's delta (misclassified vs correct;
     negative = misclassified images have smaller SIS), each with a 95% percentile bootstrap interval
-    (both groups resampled), and the two-sided Mann-Whitney p."""
+    (both groups resampled; only with at least MIN_BOOTSTRAP_GROUP images in each), and the two-sided
+    Mann-Whitney p."""
     right = sizes.loc[sizes["correct"], "sis_fraction"].to_numpy(float)
     wrong = sizes.loc[~sizes["correct"], "sis_fraction"].to_numpy(float)
     row = {"correct_n": len(right), "incorrect_n": len(wrong),
@@ -340,7 +346,7 @@ def misclassified_comparison(sizes: pd.DataFrame, draws: int = 2000, seed: int =
     row["cliffs_delta_low"] = row["cliffs_delta_high"] = np.nan
     row["p_value"] = (float(stats.mannwhitneyu(wrong, right, alternative="two-sided").pvalue)
                       if len(right) and len(wrong) else np.nan)
-    if len(right) >= 2 and len(wrong) >= 2:
+    if min(len(right), len(wrong)) >= MIN_BOOTSTRAP_GROUP:
         rng = np.random.default_rng(seed)
         diffs, deltas = np.empty(draws), np.empty(draws)
         for i in range(draws):
