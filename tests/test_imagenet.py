@@ -232,8 +232,9 @@ def test_the_imagenet_configuration_is_a_dataset_entry_of_the_same_rules(tmp_pat
                       "evaluate_retrained": models * 3, "comparison_tables": 1, "sis_size_tables": 1, "headline": 1,
                       "figure_table1": 1, "figure_fraction_sweep": 1, "figure_confidence_curves": 1,
                       "figure_sis_sizes": 1, "figure_retrain_curves": models, "figure_sis_examples": models,
+                      "misclassified_sis": 1, "figure_misclassified_sis": 1,
                       "report_table_table1": 1, "report_table_fraction_sweep": 1, "report_table_sis_sizes": 1,
-                      "all": 1, "total": 1067}, counts
+                      "report_table_misclassified_sis": 1, "all": 1, "total": 1070}, counts
     assert "rule train:" not in dry.stdout  # the selecting models are pretrained
     assert "results/retrain/pretrained-inception_v3/gradient-positions-0.1-s0/model.pt" in dry.stdout
     assert "--by steps" in dry.stdout and "--steps" in dry.stdout and "--stream" in dry.stdout

@@ -52,8 +52,8 @@ def test_an_adversarially_trained_model_goes_through_the_same_chain(smoke_run, t
     is retrained on them like the standard models, and both get clean and PGD accuracy."""
     run = tmp_path / "run"
     shutil.copytree(smoke_run, run, symlinks=True)
-    snakemake(run, "--cores", "2", "--config", "adversarial={enabled: true, steps: 2, eval_steps: 2}",
-              "results/tables/robustness.csv", "results/tables/mitigation.csv",
+    snakemake(run, "results/tables/robustness.csv", "results/tables/mitigation.csv", "--cores", "2",
+              "--config", "adversarial={enabled: true, steps: 2, eval_steps: 2}",
               configfiles=(REPO / "config/smoke.yaml", run / "source.yaml"))
     robustness = pd.read_csv(run / "results/tables/robustness.csv").set_index("model")
     assert robustness.loc["tiny-adv-s0", "kind"] == "adversarial" and robustness.loc["tiny-s0", "kind"] == "single"

@@ -267,12 +267,17 @@ def test_smoke_run_runs_the_four_controls(smoke_run):
     assert set(swap["model"]) == {"original", "retrained on BS s0", "retrained on BS s1",
                                   "retrained on random s0", "retrained on random s1"}
     assert (swap["label"] != swap["partner_label"]).all() and len(swap) == 5 * 100
-    # the masking control: backward selection under each fill at the control's size (90/30 images), and
-    # models retrained under it; the mean colour reuses the run's own subsets, narrowed to those images
-    for fill in ("noise", "impute"):
-        with np.load(results / f"sis/tiny-s0/gradient-{fill}/train.npz") as sis:
-            meta = json.loads(str(sis["meta"]))
-            assert meta["fill"] == fill and len(sis["index"]) == 90
+    # the masking control: backward selection under each fill at the control's size (90/30 images, fewer
+    # than the run's: the mean colour too), and models retrained under it
+    for fill in ("mean", "noise", "impute"):
+        for split, size in (("train", 90), ("test", 30)):
+            shards = sorted((results / f"sis/tiny-s0/gradient-{fill}/{split}").glob("shard*.npz"))
+            rows = 0
+            for shard in shards:
+                with np.load(shard) as sis:
+                    assert json.loads(str(sis["meta"])).get("fill", "mean") == fill
+                    rows += len(sis["index"])
+            assert len(shards) == 2 and rows == size
     summaries = [json.loads(p.read_text()) for p in sorted((results / "controls/masking").rglob("test.json"))]
     assert sorted((s["fill"], s["subset"]) for s in summaries) == sorted(
         (f, k) for f in ("mean", "noise", "impute") for k in ("bs", "random", "positions"))

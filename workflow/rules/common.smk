@@ -889,14 +889,16 @@ check_control_sizes()
 
 
 def masking_method(fill):
-    """The backward selection whose subsets the masking control retrains on under ``fill``: the run's own
-    when it is the gradient method with the mean colour, else the gradient method under that fill.
-    """
-    return (
-        SIS_METHOD
-        if fill == "mean" and SIS_METHOD == "gradient"
-        else f"gradient-{fill}"
+    """The backward selection whose subsets the masking control retrains on under ``fill``: the gradient
+    method under that fill at the control's size; for the mean colour, the run's own where that is the same
+    (the gradient method on the same images)."""
+    same_images = all(
+        control_size(split) == config["dataset"][f"{split}_size"]
+        for split in ("train", "test")
     )
+    if fill == "mean" and SIS_METHOD == "gradient" and same_images:
+        return SIS_METHOD
+    return f"gradient-{fill}"
 
 
 def masking_masks(model, fill, kind):
