@@ -303,7 +303,7 @@ def targeted_figure(frames: dict[str, pd.DataFrame], prefix, tau: float):
                         where="post", color=color, label=f"{name} ({len(values):,} pairs)")
             fraction = frame["kept_at_fraction"].iloc[0] / frame["pixels"].iloc[0]
             ax.axvline(fraction, color="#555555", ls="--", lw=0.8)
-            ax.text(fraction, 0.02, f" {100 * fraction:.0f}%", fontsize=6.5, color="#555555")
+            ax.text(fraction, 0.98, f" {100 * fraction:.0f}% of the pixels", fontsize=6.5, color="#555555", va="top")
             ax.set_xlim(0, 1)
             ax.set_ylim(0, 1.02)
             _percent(ax, "x")
