@@ -52,8 +52,8 @@ def test_an_adversarially_trained_model_goes_through_the_same_chain(smoke_run, t
     is retrained on them like the standard models, and both get clean and PGD accuracy."""
     run = tmp_path / "run"
     shutil.copytree(smoke_run, run, symlinks=True)
-    snakemake(run, "results/tables/robustness.csv", "results/tables/mitigation.csv", "--cores", "2",
-              "--config", "adversarial={enabled: true, steps: 2, eval_steps: 2}",
+    snakemake(run, "--config", "adversarial={enabled: true, steps: 2, eval_steps: 2}", "--cores", "2",
+              "results/tables/robustness.csv", "results/tables/mitigation.csv",
               configfiles=(REPO / "config/smoke.yaml", run / "source.yaml"))
     robustness = pd.read_csv(run / "results/tables/robustness.csv").set_index("model")
     assert robustness.loc["tiny-adv-s0", "kind"] == "adversarial" and robustness.loc["tiny-s0", "kind"] == "single"
@@ -61,9 +61,9 @@ def test_an_adversarially_trained_model_goes_through_the_same_chain(smoke_run, t
     assert (robustness["steps"] == 2).all() and np.allclose(robustness["epsilon"], 8 / 255)
     from overinterp.utils import load_torch
 
-    recipe = load_torch(run / "results/models/tiny-adv-s0/model.pt")["recipe"]
+    recipe = load_torch(run / "results/models/tiny-adv-s0/model.pt")["meta"]["recipe"]
     assert recipe["adversarial_epsilon"] == pytest.approx(8 / 255) and recipe["adversarial_steps"] == 2
-    assert load_torch(run / "results/models/tiny-s0/model.pt")["recipe"]["adversarial_epsilon"] == 0
+    assert load_torch(run / "results/models/tiny-s0/model.pt")["meta"]["recipe"]["adversarial_epsilon"] == 0
     mitigation = pd.read_csv(run / "results/tables/mitigation.csv").set_index("model")
     assert mitigation.loc["tiny-adv-s0", "kind"] == "adversarial"
     assert 0 <= mitigation.loc["tiny-adv-s0", "retrained_bs_accuracy"] <= 1
