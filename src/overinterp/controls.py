@@ -245,12 +245,6 @@ def swap_table(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
 # Figures
 
 
-def _percent(ax, axis="y"):
-    from matplotlib.ticker import PercentFormatter
-
-    (ax.yaxis if axis == "y" else ax.xaxis).set_major_formatter(PercentFormatter(1.0, decimals=0))
-
-
 def _grouped_bars(ax, groups: list[str], series: dict[str, np.ndarray], colors: list[str], errors=None):
     width = 0.8 / max(len(series), 1)
     x = np.arange(len(groups))
@@ -262,7 +256,7 @@ def _grouped_bars(ax, groups: list[str], series: dict[str, np.ndarray], colors: 
 
 
 def smoothed_figure(table: pd.DataFrame, prefix):
-    from .figures import CYCLE, STYLE, WIDTH, plt, save_figure
+    from .figures import CYCLE, STYLE, WIDTH, _percent_axis, plt, save_figure
 
     kinds = [k for k in ("sis", "bs") if k in set(table["subset"])]
     names = {"sis": "SIS at τ", "bs": "backward-selection subset"}
@@ -278,7 +272,7 @@ def smoothed_figure(table: pd.DataFrame, prefix):
                 ax.text(x, 1.02, f"{100 * row['kept_share']:.1f}% → {100 * row['dilated_share']:.1f}% of pixels",
                         ha="center", fontsize=6, color="#555555")
             ax.set_ylim(0, 1.1)
-            _percent(ax)
+            _percent_axis(ax)
             ax.set(ylabel="mean f of the selected class", title=names[kind])
         axes[0][-1].legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), frameon=False, fontsize=6.5, ncol=1)
         fig.suptitle("Smoothed subsets: does showing more of the true image keep the class?", fontsize=9)
@@ -286,7 +280,7 @@ def smoothed_figure(table: pd.DataFrame, prefix):
 
 
 def targeted_figure(frames: dict[str, pd.DataFrame], prefix, tau: float):
-    from .figures import OKABE_ITO, STYLE, WIDTH, plt, save_figure
+    from .figures import OKABE_ITO, STYLE, WIDTH, _percent_axis, plt, save_figure
 
     with plt.rc_context(STYLE):
         fig, axes = plt.subplots(1, max(len(frames), 1), figsize=(min(WIDTH, 3.3 * len(frames) + 0.5), 3.0),
@@ -306,8 +300,8 @@ def targeted_figure(frames: dict[str, pd.DataFrame], prefix, tau: float):
             ax.text(fraction, 0.98, f" {100 * fraction:.0f}% of the pixels", fontsize=6.5, color="#555555", va="top")
             ax.set_xlim(0, 1)
             ax.set_ylim(0, 1.02)
-            _percent(ax, "x")
-            _percent(ax)
+            _percent_axis(ax, "x")
+            _percent_axis(ax)
             ax.set(xlabel="smallest subset on the path with f ≥ τ", ylabel="share of (image, class) pairs",
                    title=model)
             ax.legend(loc="lower right", fontsize=6.5, frameon=False)
@@ -316,7 +310,7 @@ def targeted_figure(frames: dict[str, pd.DataFrame], prefix, tau: float):
 
 
 def masking_figure(table: pd.DataFrame, prefix, chance: float):
-    from .figures import OKABE_ITO, STYLE, WIDTH, plt, save_figure
+    from .figures import OKABE_ITO, STYLE, WIDTH, _percent_axis, plt, save_figure
 
     names = {"mean": "mean colour\n(the paper's)", "noise": "noise", "impute": "ROAD imputation"}
     models = table["model"].unique().tolist()
@@ -335,7 +329,7 @@ def masking_figure(table: pd.DataFrame, prefix, chance: float):
                           [OKABE_ITO["blue"], OKABE_ITO["orange"], OKABE_ITO["green"]], errors)
             ax.axhline(chance, color="#555555", ls=":", lw=0.8)
             ax.set_ylim(0, 1)
-            _percent(ax)
+            _percent_axis(ax)
             ax.set(ylabel="test accuracy, retrained", xlabel="masked pixels filled with", title=model)
         axes[0][-1].legend(loc="upper right", fontsize=6.5, frameon=False)
         fig.suptitle("Does the backward-selection advantage survive a fill that hides the mask?", fontsize=9)
@@ -343,7 +337,7 @@ def masking_figure(table: pd.DataFrame, prefix, chance: float):
 
 
 def swap_figure(table: pd.DataFrame, prefix, chance: float):
-    from .figures import OKABE_ITO, STYLE, WIDTH, plt, save_figure
+    from .figures import OKABE_ITO, STYLE, WIDTH, _percent_axis, plt, save_figure
 
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(WIDTH, 0.42 * len(table) + 1.3), layout="constrained")
@@ -360,7 +354,7 @@ def swap_figure(table: pd.DataFrame, prefix, chance: float):
         ax.set_yticks(y, table["model"])
         ax.set_xlim(0, 1.3)
         ax.set_xticks([0, 0.25, 0.5, 0.75, 1])
-        _percent(ax, "x")
+        _percent_axis(ax, "x")
         ax.set_xlabel("share of swapped test images predicted as ...")
         ax.legend(loc="upper center", bbox_to_anchor=(0.4, -0.25), ncol=3, frameon=False, fontsize=6.5)
         fig.suptitle(f"Shape of one image, pixels of another (chance {100 * chance:.0f}%)", fontsize=9)
