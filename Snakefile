@@ -30,6 +30,7 @@ include: "workflow/rules/figures.smk"
 include: "workflow/rules/mitigation.smk"
 include: "workflow/rules/controls.smk"
 include: "workflow/rules/robust.smk"
+include: "workflow/rules/corruptions.smk"
 include: "workflow/rules/audit.smk"
 
 

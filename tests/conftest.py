@@ -136,19 +136,36 @@ def job_counts(snakemake_output: str) -> dict[str, int]:
     return counts
 
 
-def source_config(workdir: Path, archive: Path, md5: str) -> Path:
-    """A configfile pointing the download at a local archive, as a user behind a firewall would."""
+def source_config(workdir: Path, archive: Path, md5: str, corrupted: tuple[Path, str] | None = None) -> Path:
+    """A configfile pointing the download at a local archive, as a user behind a firewall would (and the
+    CIFAR-10-C download at ``corrupted``, (archive, md5), when given)."""
     path = workdir / "source.yaml"
-    path.write_text(f"cifar10:\n  url: {archive.resolve().as_uri()}\n  md5: {md5}\n")
+    text = f"cifar10:\n  url: {archive.resolve().as_uri()}\n  md5: {md5}\n"
+    if corrupted:
+        text += f"cifar10c:\n  url: {corrupted[0].resolve().as_uri()}\n  md5: {corrupted[1]}\n"
+    path.write_text(text)
     return path
 
 
 @pytest.fixture(scope="session")
-def smoke_run(cifar_archive, tmp_path_factory) -> Path:
+def cifar10c_archive(cifar_archive, tmp_path_factory) -> tuple[Path, str]:
+    """(archive, md5) of a CIFAR-10-C-layout archive of the small archive's test images under the smoke
+    configuration's corruptions, made with the imagecorruptions package."""
+    import yaml
+
+    from overinterp.corruptions import make_archive
+
+    corruptions = yaml.safe_load((REPO / "config/smoke.yaml").read_text())["cifar10c"]["corruptions"]
+    archive = make_archive(cifar_archive[0], tmp_path_factory.mktemp("cifar10c") / "CIFAR-10-C.tar", corruptions)
+    return archive, hashlib.md5(archive.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="session")
+def smoke_run(cifar_archive, cifar10c_archive, tmp_path_factory) -> Path:
     """The whole smoke configuration run once as a user runs it, by `make run` (the workflow with its progress
     lines, then the report); returns its working directory, with the console output in ``console.txt``."""
     workdir = tmp_path_factory.mktemp("smoke")
-    configs = (REPO / "config" / "smoke.yaml", source_config(workdir, *cifar_archive))
+    configs = (REPO / "config" / "smoke.yaml", source_config(workdir, *cifar_archive, cifar10c_archive))
     args = f"--configfile {' '.join(map(str, configs))} --directory {workdir}"
     env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
     done = subprocess.run(["make", "-o", ".venv/.installed", f"BIN={BIN}", "run", f"ARGS={args}", "CORES=2"],

@@ -327,7 +327,7 @@ def test_smoke_report_contains_every_figure_and_table(smoke_run):
             name = path.rsplit("/", 1)[1]
             assert name in report, f"{path} is not in the report"
     for category in ("1. Training", "2. Backward selection and SIS", "3. Pixel-subset retraining", "4. Mitigation",
-                     "7. Controls: what the subsets mean"):
+                     "7. Controls: what the subsets mean", "8. Out of distribution: CIFAR-10-C"):
         assert category in report
     # Captions are rendered with the configuration's values (smoke: tau 0.1, gradient method, 100 test images).
     assert re.search(r"tau = 0\.1\b", report)

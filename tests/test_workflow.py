@@ -38,8 +38,15 @@ def test_paper_configuration_builds_its_dag(tmp_path):
     assert counts["download_cifar10"] == 1
     assert counts["train"] == 9 + 3 + 3
     assert counts["ensemble"] == 3 + 1
-    assert counts["evaluate"] == 9 + 3 + 3 + 4
+    # (and the 6 selecting models on the CIFAR-10-C sample)
+    assert counts["evaluate"] == 9 + 3 + 3 + 4 + 6
     assert counts["robustness"] == 3 + 3 and counts["control_masking_retrain"] == 3 * 3 * 3 * 3
+    # CIFAR-10-C: one download and conversion; every full-image model, and the models retrained on the
+    # 6 selecting models' BS, random and positions-only subsets at Table 1's fraction (3 retrain seeds)
+    assert counts["download_cifar10c"] == counts["cifar10c_dataset"] == 1
+    assert counts["corruptions_full_image"] == 9 + 3 + 3 + 4
+    assert counts["corruptions_retrained"] == 6 * 3 * 3
+    assert "results/sis/cifar_resnet18-adv-s0/exact/cifar10c.npz" in dry.stdout
     for model in ("cifar_resnet20-s0", "cifar_resnet18-s1", "cifar_vgg16_bn-s2"):
         assert f"results/models/{model}/model.pt" in dry.stdout
 
@@ -85,8 +92,9 @@ def test_lint_finds_only_the_justified_finding():
     result = subprocess.run([str(BIN / "snakemake"), "--lint", "--configfile", "config/smoke.yaml"], cwd=REPO,
                             capture_output=True, text=True, timeout=300)
     findings = re.findall(r"^\s+\* (.*):$", result.stdout + result.stderr, re.M)
-    # the mirror address is deliberately not a parameter (workflow/rules/data.smk says why)
-    assert findings == ["Shell command directly uses variable CIFAR10_URL from outside of the rule"], findings
+    # the mirror addresses are deliberately not parameters (workflow/rules/data.smk says why)
+    assert findings == [f"Shell command directly uses variable {name} from outside of the rule"
+                        for name in ("CIFAR10_URL", "CIFAR10C_URL")], findings
 
 
 def test_rules_are_snakefmt_formatted():

@@ -20,7 +20,7 @@ COMMANDS = {
     "train": "train",
     "evaluate": "evaluate", "sis": "sis_commands", "sis-merge": "sis_commands", "sis-agreement": "sis_commands",
     "sis-agreement-table": "sis_commands", "subsets": "subsets", "tables": "analysis", "figures": "figures",
-    "controls": "controls", "robustness": "robust", "humaneval": "humaneval", "publish": "artifacts", "pull": "artifacts", "audit": "audit", "watch": "progress",
+    "controls": "controls", "corruptions": "corruptions", "robustness": "robust", "humaneval": "humaneval", "publish": "artifacts", "pull": "artifacts", "audit": "audit", "watch": "progress",
 }
 OPTIONS_WITH_VALUES = {"--log-level", "--threads"}
 # The subcommands by stage, in pipeline order, for `overinterp --help`.
@@ -30,6 +30,7 @@ STAGES = {
     "backward selection (SIS)": ["sis", "sis-merge", "sis-agreement", "sis-agreement-table"],
     "pixel subsets": ["subsets"],
     "controls of what the subsets mean": ["controls"],
+    "out of distribution (CIFAR-10-C)": ["corruptions"],
     "tables and figures": ["tables", "figures"],
     "human evaluation": ["humaneval"],
     "audit your own model": ["audit"],

@@ -26,11 +26,18 @@ CIFAR10_MEAN = (125.3 / 255, 123.0 / 255, 113.9 / 255)
 CIFAR10_STD = (63.0 / 255, 62.1 / 255, 66.7 / 255)
 ARCHIVE_DIR = "cifar-10-batches-py"
 TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
-MIRROR_HINT = (
-    "Point `cifar10.url` at a reachable copy (an http(s):// mirror or a file:// path to "
-    "cifar-10-python.tar.gz) and, if it is a different build, set `cifar10.md5` to its verified md5, e.g. "
-    "`--config cifar10='{url: file:///path/cifar-10-python.tar.gz, md5: <md5>}'` or a --configfile."
-)
+ARCHIVE_NAMES = {"cifar10": "cifar-10-python.tar.gz", "cifar10c": "CIFAR-10-C.tar"}
+
+
+def mirror_hint(key: str = "cifar10") -> str:
+    """How to point config entry ``key`` (cifar10, cifar10c) at another copy of its archive."""
+    name = ARCHIVE_NAMES.get(key, "the archive")
+    return (f"Point `{key}.url` at a reachable copy (an http(s):// mirror or a file:// path to {name}) and, if it "
+            f"is a different build, set `{key}.md5` to its verified md5, e.g. "
+            f"`--config {key}='{{url: file:///path/{name}, md5: <md5>}}'` or a --configfile.")
+
+
+MIRROR_HINT = mirror_hint()
 
 
 def md5sum(path: Path, chunk: int = 1 << 20) -> str:
@@ -41,9 +48,11 @@ def md5sum(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def download(url: str, dest: str | Path, md5: str, timeout: float = 60.0) -> Path:
-    """Fetch ``url`` (http, https or file) to ``dest``, verifying size and md5 before it appears there."""
+def download(url: str, dest: str | Path, md5: str, timeout: float = 60.0, config_key: str = "cifar10") -> Path:
+    """Fetch ``url`` (http, https or file) to ``dest``, verifying size and md5 before it appears there; errors
+    name the config entry ``config_key`` the address and checksum come from."""
     dest = Path(dest)
+    hint = mirror_hint(config_key)
     with atomic_path(dest) as tmp:
         try:
             with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as out:
@@ -59,18 +68,18 @@ def download(url: str, dest: str | Path, md5: str, timeout: float = 60.0) -> Pat
                         bar.update(len(block))
         except (urllib.error.URLError, OSError, ValueError) as err:
             reason = getattr(err, "reason", err)
-            raise DataError(f"Could not download {url}: {reason}. {MIRROR_HINT}") from err
+            raise DataError(f"Could not download {url}: {reason}. {hint}") from err
         if expected_size is not None and received != expected_size:
             raise DataError(
                 f"Download of {url} is truncated: got {received} of {expected_size} bytes. "
-                f"Rerun to try again; nothing was kept. {MIRROR_HINT}"
+                f"Rerun to try again; nothing was kept. {hint}"
             )
         if digest.hexdigest() != md5.lower():
             raise DataError(
                 f"Checksum mismatch for {url}: it is not the archive with md5 {md5} ({received} bytes received); "
                 "nothing was kept. The file is corrupt, truncated, or a different archive. Do not simply "
                 "configure the checksum of what arrived: verify the source first (the publisher's checksum, or "
-                "`md5sum` of a copy you trust), then set `cifar10.md5` to that verified value."
+                f"`md5sum` of a copy you trust), then set `{config_key}.md5` to that verified value."
             )
     return dest
 

@@ -10,8 +10,10 @@ def add_commands(subparsers) -> None:
     p = subparsers.add_parser("download", help="download an archive, verifying its md5 before keeping it")
     p.add_argument("--url", default=data.CIFAR10_URL, help="http(s):// or file:// URL")
     p.add_argument("--md5", default=data.CIFAR10_MD5, help="the archive's verified md5 (default: the official one)")
+    p.add_argument("--config-key", default="cifar10",
+                   help="the workflow config entry with the url and md5, named in errors (default: cifar10)")
     p.add_argument("--out", required=True, help="where the verified archive is kept")
-    p.set_defaults(handler=lambda a: data.download(a.url, a.out, a.md5) and 0)
+    p.set_defaults(handler=lambda a: data.download(a.url, a.out, a.md5, config_key=a.config_key) and 0)
 
     p = subparsers.add_parser("convert", help="the dataset file (.npz) from the CIFAR-10 archive or an image folder")
     source = p.add_mutually_exclusive_group(required=True)

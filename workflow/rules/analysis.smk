@@ -47,15 +47,11 @@ rule sis_size_tables:
         "--per-image-dir results/tables/sis_sizes --summary results/tables/sis_sizes 2> {log}"
 
 
-# Misclassified vs correct images at several thresholds (the paper: misclassified images have smaller SIS).
+# Misclassified vs correct images at several thresholds (the paper: misclassified images have smaller SIS), on
+# the test images and on the CIFAR-10-C sample.
 rule misclassified_sis:
     input:
-        sis=expand(
-            "results/sis/{model}/{method}/test.npz",
-            model=compared_models(),
-            method=SIS_METHOD,
-        ),
-        predictions=expand("results/eval/{model}/full.csv", model=compared_models()),
+        [path for entry in misclassified_entries() for path in entry[1:]],
     output:
         multiext("results/tables/misclassified_sis", ".csv", ".md", "-images.csv"),
     log:
@@ -64,9 +60,9 @@ rule misclassified_sis:
         "../../envs/overinterp.yaml"
     params:
         taus=" ".join(map(str, config["sis"]["misclassified_taus"])),
-        entries=lambda w, input: " ".join(
-            f"--entry {m} {s} {p}"
-            for m, s, p in zip(compared_models(), input.sis, input.predictions)
+        entries=" ".join(
+            f"--entry {shlex.quote(name)} {sis} {predictions}"
+            for name, sis, predictions in misclassified_entries()
         ),
     shell:
         "python -m overinterp tables misclassified --taus {params.taus} {params.entries} "

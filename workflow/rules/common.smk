@@ -241,7 +241,7 @@ SUBSET_PATTERN = r"(exact|gradient)-(bs|positions)-[0-9.]+|random-[0-9.]+"
 
 wildcard_constraints:
     model=SINGLE_MODEL_PATTERN + r"|(ensemble|pretrained)-[A-Za-z0-9_]+",
-    split="train|test",
+    split="train|test|cifar10c",
     # "gradient-<fill>": backward selection with masked pixels filled otherwise (the masking control)
     method=r"exact|gradient(-(mean|noise|impute))?",
     fraction=r"[0-9.]+",
@@ -483,6 +483,7 @@ REPORT_CATEGORY = {
     "humaneval": "5. Human evaluation",
     "audit": "6. Audits",
     "controls": "7. Controls: what the subsets mean",
+    "corruptions": "8. Out of distribution: CIFAR-10-C",
 }
 
 
@@ -542,6 +543,7 @@ def all_outputs():
     outputs += humaneval_outputs()  # workflow/rules/humaneval.smk
     outputs += figure_outputs()  # workflow/rules/figures.smk
     outputs += control_outputs()  # workflow/rules/controls.smk
+    outputs += corruption_outputs()  # workflow/rules/corruptions.smk
     if not config["cifar10"]["enabled"]:  # audits only (config/audit.yaml)
         outputs = []
     outputs += [f"results/audit/{name}/report.html" for name in AUDITS]  # audit.smk
@@ -645,12 +647,13 @@ def fill_args(fill):
 def sis_job_args(wildcards):
     """--method, the fill, and the split's size: a fill variant (the masking control) runs at the control's size."""
     base, fill = split_method(wildcards.method)
-    size = (
-        control_size_arg(wildcards.split, "--size")
-        if base != wildcards.method
-        else split_size_arg(wildcards.split)
-    )
-    return f"--method {base} {fill_args(fill)} {size}"
+    if wildcards.split == "cifar10c":  # the whole CIFAR-10-C sample
+        size = ""
+    elif base != wildcards.method:
+        size = control_size_arg(wildcards.split, "--size")
+    else:
+        size = split_size_arg(wildcards.split)
+    return f"--method {base} {fill_args(fill)} --split {split_name(wildcards.split)} {size}"
 
 
 def sis_shards(model, method, split):
@@ -669,6 +672,10 @@ def sis_outputs():
         method=SIS_METHOD,
         split=splits,
     )
+    outputs += [
+        f"results/sis/{model}/{SIS_METHOD}/cifar10c.npz"
+        for model in CIFAR10C_SIS_MODELS
+    ]
     if COMPARE_SAMPLE:
         outputs += multiext("results/tables/sis_agreement", ".csv", ".md")
     return outputs
@@ -983,3 +990,103 @@ def control_report_args(control, input):
     if control == "masking":
         return f"--summaries {' '.join(input)} --chance {CHANCE}"
     return f"{entry_args(zip(CONTROL_MODELS, input))} --tau {config['sis']['tau']} --chance {CHANCE}"
+
+
+# ------------------------------------------------------------ CIFAR-10-C (corruptions.smk)
+# With the cifar10 adapter only: CIFAR-10-C holds corruptions of CIFAR-10's test images.
+CIFAR10C = config["cifar10c"]
+CIFAR10C_ON = (
+    CIFAR10C["enabled"]
+    and DATASET_ADAPTER == "cifar10"
+    and config["cifar10"]["enabled"]
+)
+CIFAR10C_GRID = "data/cifar10c/grid.npz"
+CIFAR10C_SAMPLE = "data/cifar10c/sample.npz"
+# The selecting models whose backward selection also runs on the CIFAR-10-C sample (split "cifar10c").
+CIFAR10C_SIS_MODELS = (
+    [f"{arch}-s{sis_seed()}" for arch in ARCHITECTURES]
+    + PRETRAINED_MODELS
+    + ADVERSARIAL_MODELS
+    if CIFAR10C_ON
+    else []
+)
+if CIFAR10C_ON:
+    REPORT_TABLES["corruptions"] = (
+        "CIFAR-10-C: accuracy against corruption severity",
+        "corruptions",
+    )
+
+
+def split_dataset(wildcards):
+    """The dataset file a split is read from: the run's, or the CIFAR-10-C sample's (its test split)."""
+    return CIFAR10C_SAMPLE if wildcards.split == "cifar10c" else DATASET
+
+
+def split_name(split):
+    return "test" if split == "cifar10c" else split
+
+
+def cifar10c_convert_args():
+    sample = CIFAR10C["sample"]
+    args = [
+        f"--corruptions {','.join(CIFAR10C['corruptions'])}",
+        f"--sample-size {sample['size']} --sample-seed {sample['seed']}",
+        split_size_arg("test").replace("--size", "--test-size"),
+    ]
+    if CIFAR10C["images_per_cell"] is not None:
+        args.append(f"--per-cell {CIFAR10C['images_per_cell']}")
+    return " ".join(args)
+
+
+def corruption_runs():
+    """Every model evaluated on CIFAR-10-C: the full-image models (single, adversarial, pretrained, input
+    dropout, ensembles), and those retrained on the selecting models' subsets at Table 1's fraction.
+    """
+    runs = [
+        f"results/corruptions/{model}/full.csv"
+        for model in dict.fromkeys(
+            MODELS + PRETRAINED_MODELS + ADVERSARIAL_MODELS + mitigation_models()
+        )
+    ]
+    fraction = FRACTIONS[0]
+    subsets = [f"{SIS_METHOD}-bs-{fraction}", f"random-{fraction}"]
+    if config["subsets"]["positions_only"]:
+        subsets.append(f"{SIS_METHOD}-positions-{fraction}")
+    runs += [
+        f"results/corruptions/{model}/{subset}-s{seed}.csv"
+        for model in sis_models()
+        for subset in subsets
+        for seed in RETRAIN_SEEDS
+    ]
+    return runs
+
+
+def misclassified_entries():
+    """(name, test SIS, full-image predictions) of every model compared, and of the selecting models on the
+    CIFAR-10-C sample."""
+    entries = [
+        (
+            model,
+            f"results/sis/{model}/{SIS_METHOD}/test.npz",
+            f"results/eval/{model}/full.csv",
+        )
+        for model in compared_models()
+    ]
+    entries += [
+        (
+            f"{model} on CIFAR-10-C",
+            f"results/sis/{model}/{SIS_METHOD}/cifar10c.npz",
+            f"results/eval/{model}/cifar10c.csv",
+        )
+        for model in CIFAR10C_SIS_MODELS
+    ]
+    return entries
+
+
+def corruption_outputs():
+    if not CIFAR10C_ON:
+        return []
+    return [
+        *multiext("results/tables/corruptions", ".csv", ".md", "-cells.csv"),
+        *multiext("results/figures/corruptions", ".png", ".pdf"),
+    ]

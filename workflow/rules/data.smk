@@ -8,8 +8,9 @@ localrules:
 
 
 # The md5 identifies the archive; where it comes from does not, so a mirror's address is not a parameter
-# (changing it does not make Snakemake rebuild a verified, e.g. pulled, archive). This is the one finding
-# `snakemake --lint` reports ("Shell command directly uses variable CIFAR10_URL"), on purpose.
+# (changing it does not make Snakemake rebuild a verified, e.g. pulled, archive). `snakemake --lint` reports
+# it ("Shell command directly uses variable CIFAR10_URL"), and CIFAR10C_URL of corruptions.smk, on purpose:
+# its only findings.
 CIFAR10_URL = shlex.quote(config["cifar10"]["url"])
 
 

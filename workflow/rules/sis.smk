@@ -4,7 +4,7 @@
 
 rule sis_shard:
     input:
-        data=DATASET,
+        data=split_dataset,
         model="results/models/{model}/model.pt",
     output:
         "results/sis/{model}/{method}/{split}/shard{shard}.npz",
@@ -24,8 +24,8 @@ rule sis_shard:
         shards=SIS_SHARDS,
         options=sis_args(),
     shell:
-        "python -m overinterp --threads {threads} sis --data {input.data} --model {input.model} --split {wildcards.split} "
-        "{params.job} --shard {wildcards.shard} --shards {params.shards} {params.options} --out {output} 2> {log}"
+        "python -m overinterp --threads {threads} sis --data {input.data} --model {input.model} {params.job} "
+        "--shard {wildcards.shard} --shards {params.shards} {params.options} --out {output} 2> {log}"
 
 
 rule sis_merge:

@@ -59,19 +59,22 @@ rule pretrained:
         "--out {output} 2> {log}"
 
 
+# Full images: the test split ("full"), or the CIFAR-10-C sample ("cifar10c", corruptions.smk).
 rule evaluate:
     input:
-        data=DATASET,
+        data=lambda w: CIFAR10C_SAMPLE if w.images == "cifar10c" else DATASET,
         model="results/models/{model}/model.pt",
     output:
-        predictions="results/eval/{model}/full.csv",
-        summary="results/eval/{model}/full.json",
+        predictions="results/eval/{model}/{images}.csv",
+        summary="results/eval/{model}/{images}.json",
     log:
-        "logs/evaluate/{model}.log",
+        "logs/evaluate/{model}-{images}.log",
+    wildcard_constraints:
+        images="full|cifar10c",
     conda:
         "../../envs/overinterp.yaml"
     params:
-        size=split_size_arg("test"),
+        size=lambda w: "" if w.images == "cifar10c" else split_size_arg("test"),
         norm=normalization_args(),
         tags=lambda w: evaluation_tags(w.model),
     shell:
