@@ -72,6 +72,22 @@ def test_fills_hide_the_masked_pixels_and_noise_has_the_data_statistics():
     torch.testing.assert_close(noise_images([7, 9], (3, 8, 8), 1)[1], noise_images([9], (3, 8, 8), 1)[0])
 
 
+def test_training_solves_the_imputation_once_and_shows_the_same_inputs():
+    """Training reuses each image's imputation across epochs: the inputs are those of solving every batch."""
+    from overinterp.data import Normalizer, model_inputs
+
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8)
+    keep = torch.rand(40, 1, 8, 8) < 0.2
+    solved_once = Normalizer(fill=Fill("impute", seed=5)).imputations(images, keep, chunk=16)
+    every_batch, reused = Normalizer(fill=Fill("impute", seed=5)), Normalizer(fill=Fill("impute", seed=5))
+    for rows in (slice(0, 10), slice(10, 40)):  # equal to the solver's tolerance (it stops on a batch's residual)
+        torch.testing.assert_close(model_inputs(every_batch, images[rows], keep[rows], False),
+                                   model_inputs(reused, images[rows], keep[rows], False, solved_once[rows]),
+                                   atol=1e-3, rtol=0)
+    assert Normalizer().imputations(images, keep) is None  # the other fills have nothing to solve
+
+
 def test_gradient_backward_selection_under_per_image_and_imputed_fills():
     torch.manual_seed(0)
     model = build_model("tiny").eval()

@@ -324,6 +324,15 @@ def cliffs_delta(a: np.ndarray, b: np.ndarray) -> float:
     return float(2 * u / (len(a) * len(b)) - 1)
 
 
+def bootstrap_interval(statistic, samples, draws: int = 2000, seed: int = 0, level: float = 0.95) -> np.ndarray:
+    """Percentile bootstrap interval of ``statistic(*samples)``, each sample resampled with replacement on its
+    own: [low, high], or a (2, k) array for a statistic that returns k values."""
+    rng = np.random.default_rng(seed)
+    values = np.array([statistic(*(sample[rng.integers(0, len(sample), len(sample))] for sample in samples))
+                       for _ in range(draws)])
+    return np.quantile(values, [(1 - level) / 2, (1 + level) / 2], axis=0)
+
+
 # Fewer images than this in either group and a bootstrap interval would only restate the few values drawn
 # (two errors give three possible medians): no interval is given.
 MIN_BOOTSTRAP_GROUP = 10
@@ -347,13 +356,9 @@ def misclassified_comparison(sizes: pd.DataFrame, draws: int = 2000, seed: int =
     row["p_value"] = (float(stats.mannwhitneyu(wrong, right, alternative="two-sided").pvalue)
                       if len(right) and len(wrong) else np.nan)
     if min(len(right), len(wrong)) >= MIN_BOOTSTRAP_GROUP:
-        rng = np.random.default_rng(seed)
-        diffs, deltas = np.empty(draws), np.empty(draws)
-        for i in range(draws):
-            r, w = rng.choice(right, len(right)), rng.choice(wrong, len(wrong))
-            diffs[i], deltas[i] = np.median(w) - np.median(r), cliffs_delta(w, r)
-        for key, values in (("median_difference", diffs), ("cliffs_delta", deltas)):
-            row[f"{key}_low"], row[f"{key}_high"] = np.quantile(values, [0.025, 0.975])
+        (row["median_difference_low"], row["cliffs_delta_low"]), (row["median_difference_high"],
+                                                                  row["cliffs_delta_high"]) = bootstrap_interval(
+            lambda r, w: (np.median(w) - np.median(r), cliffs_delta(w, r)), (right, wrong), draws, seed)
     return row
 
 

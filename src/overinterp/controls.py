@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from .analysis import bootstrap_interval
 from .data import add_normalization_arguments, load_split, normalizer_from_args
 from .utils import add_device_argument, resolve_device, save_dataframe
 
@@ -162,14 +163,13 @@ def swap(model, normalizer, split, keep, partners: np.ndarray, batch_size: int =
 # Tables
 
 
-def _bootstrap_mean(values: np.ndarray, seed: int = 0, draws: int = 2000) -> tuple[float, float]:
-    """95% percentile bootstrap interval of the mean."""
+def _bootstrap_mean(values) -> tuple[float, float]:
+    """95% percentile bootstrap interval of the mean (none of fewer than two values)."""
     values = np.asarray(values, dtype=float)
     if len(values) < 2:
         return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), (draws, len(values)))].mean(1)
-    return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+    low, high = bootstrap_interval(np.mean, (values,))
+    return float(low), float(high)
 
 
 def smoothed_table(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:

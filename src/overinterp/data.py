@@ -348,27 +348,40 @@ class Normalizer:
         self.baseline = float(baseline)
         self.fill = fill or Fill("mean", self.baseline)
 
-    def __call__(self, images: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, keep: torch.Tensor | None = None,
+                 imputed: torch.Tensor | None = None) -> torch.Tensor:
         mean, std = self.mean.to(images.device), self.std.to(images.device)
         x = (images.float() / 255.0 - mean) / std
         if keep is not None:  # keep: (N,1,H,W) bool/0-1, True = pixel kept
-            x = self.fill(x, keep)
+            x = self.fill(x, keep, imputed)
         return x
+
+    def imputations(self, images: torch.Tensor, keep, chunk: int = 1024) -> torch.Tensor | None:
+        """The ``impute`` fill's solutions for ``images`` (uint8, on the device they are used on) under
+        ``keep``, solved once for reuse across epochs; None for the other fills."""
+        if self.fill.kind != "impute":
+            return None
+        from .fills import impute
+
+        return torch.cat([impute(self(images[i:i + chunk]), keep[i:i + chunk].to(images.device).bool())
+                          for i in range(0, len(images), chunk)])
 
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
         """Back to [0, 1] RGB for display."""
         return (x * self.std.to(x.device) + self.mean.to(x.device)).clamp(0, 1)
 
 
-def model_inputs(normalizer: Normalizer, images: torch.Tensor, keep: torch.Tensor | None, positions_only: bool):
-    """The network's input: the normalised image, masked where ``keep`` is False, or the mask alone.
+def model_inputs(normalizer: Normalizer, images: torch.Tensor, keep: torch.Tensor | None, positions_only: bool,
+                 imputed: torch.Tensor | None = None):
+    """The network's input: the normalised image, masked where ``keep`` is False (``imputed``: see
+    :meth:`Normalizer.imputations`), or the mask alone.
 
     ``positions_only`` is the control that shows how much the *shape* of a pixel subset tells: the model
     sees +1 where a pixel is kept and -1 elsewhere, no pixel values.
     """
     if positions_only:
         return (keep.float() * 2 - 1).expand(-1, images.shape[1], -1, -1)
-    return normalizer(images, keep)
+    return normalizer(images, keep, imputed)
 
 
 def add_normalization_arguments(p) -> None:

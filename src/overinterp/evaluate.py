@@ -55,17 +55,19 @@ def predict_monte_carlo(model: torch.nn.Module, inputs: torch.Tensor, samples: i
 
 
 def predict_split(model: torch.nn.Module, normalizer, images, keep=None, positions_only: bool = False,
-                  chunk: int = 4096, mc_samples: int = 0, mc_seed: int = 0) -> torch.Tensor:
+                  chunk: int = 4096, mc_samples: int = 0, mc_seed: int = 0, imputed=None) -> torch.Tensor:
     """Softmax probabilities (N, classes) of ``model`` on uint8 ``images`` (a tensor, or a streamed split's
     :class:`~overinterp.data.FolderImages`) masked by ``keep`` (a bool tensor or
     :class:`~overinterp.subsets.KeepMasks`), ``chunk`` images at a time, so no split needs to fit in memory
-    as model inputs. ``mc_samples`` averages that many passes with input dropout active."""
+    as model inputs. ``mc_samples`` averages that many passes with input dropout active; ``imputed``: the
+    impute fill's solutions, when already solved (:meth:`~overinterp.data.Normalizer.imputations`)."""
     from .data import model_inputs
 
     out = []
     for start in range(0, len(images), chunk):
         rows = slice(start, start + chunk)
-        inputs = model_inputs(normalizer, images[rows], keep[rows] if keep is not None else None, positions_only)
+        inputs = model_inputs(normalizer, images[rows], keep[rows] if keep is not None else None, positions_only,
+                              imputed[rows] if imputed is not None else None)
         if mc_samples:
             out.append(predict_monte_carlo(model, inputs, mc_samples, mc_seed + start // chunk))
         else:

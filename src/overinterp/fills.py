@@ -89,13 +89,16 @@ class Fill:
             self._generator = torch.Generator(device=like.device).manual_seed(self.seed)
         return torch.randn(like.shape, generator=self._generator, device=like.device, dtype=like.dtype)
 
-    def __call__(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, keep: torch.Tensor, imputed: torch.Tensor | None = None) -> torch.Tensor:
+        """``imputed``: :func:`impute` of these images and masks when already solved (a training set's masks
+        do not change between epochs, so its imputation is solved once, not every batch)."""
         kept = keep.bool()
         if self.kind == "mean":
             return torch.where(kept, x, torch.full_like(x, self.baseline))
         if self.kind == "noise":
             return torch.where(kept, x, self._noise(x))
-        return torch.where(kept, x, impute(x, kept) + self.impute_noise * self._noise(x))
+        solved = impute(x, kept) if imputed is None else imputed
+        return torch.where(kept, x, solved + self.impute_noise * self._noise(x))
 
     def for_rows(self, index, shape: tuple[int, ...]):
         """The ``baselines`` backward selection of the images at dataset rows ``index`` masks with: the

@@ -164,8 +164,9 @@ def augment(x: torch.Tensor, padding: int, flip: bool, fill: float, generator: t
     return x
 
 
-def _batches(split: Split, keep, order: torch.Tensor, batch_size: int, device: torch.device):
-    """(uint8 images, keep-masks or None, labels) on ``device`` for each batch of ``order``.
+def _batches(split: Split, keep, order: torch.Tensor, batch_size: int, device: torch.device, imputed=None):
+    """(uint8 images, keep-masks or None, imputed fills or None, labels) on ``device`` for each batch of
+    ``order``; ``imputed``: the impute fill solved for every image of an in-memory split.
 
     An in-memory split is moved to the device once and gathered there; a streamed split's images are read
     from their files, the next batch while the current one trains."""
@@ -174,7 +175,8 @@ def _batches(split: Split, keep, order: torch.Tensor, batch_size: int, device: t
         images = split.images.to(device)
         keep = keep[:].to(device) if keep is not None else None
         for batch in order.split(batch_size):
-            yield images[batch], keep[batch] if keep is not None else None, labels[batch]
+            yield (images[batch], keep[batch] if keep is not None else None,
+                   imputed[batch] if imputed is not None else None, labels[batch])
         return
 
     def read(rows):
@@ -187,7 +189,7 @@ def _batches(split: Split, keep, order: torch.Tensor, batch_size: int, device: t
             images, masks = pending.result()
             if i + 1 < len(batches):
                 pending = reader.submit(read, batches[i + 1])
-            yield (images.to(device, non_blocking=True), masks.to(device) if masks is not None else None,
+            yield (images.to(device, non_blocking=True), masks.to(device) if masks is not None else None, None,
                    labels[batch.to(device)])
 
 
@@ -226,9 +228,16 @@ def train_model(
 
     if test is not None:
         test_labels, test_images = test.labels.to(device), test.images
+        test_imputed = None
         if isinstance(test.images, torch.Tensor):  # in memory: kept on the device between epochs
             test_images = test.images.to(device)
             test_keep = test_keep[:].to(device) if test_keep is not None else None
+            if test_keep is not None and not positions_only:
+                test_imputed = normalizer.imputations(test_images, test_keep)
+    # The impute fill's solutions depend on the image and its mask alone: solved once, not every epoch.
+    train_imputed = None
+    if keep is not None and not positions_only and isinstance(train.images, torch.Tensor):
+        train_imputed = normalizer.imputations(train.images.to(device), keep[:].to(device))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     n = len(train)
     bar = tqdm(range(trainer.start_epoch, recipe.epochs), initial=trainer.start_epoch, total=recipe.epochs,
@@ -239,8 +248,8 @@ def train_model(
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         order = torch.randperm(n, device=device, generator=generator)
-        for images, masks, y in _batches(train, keep, order, recipe.batch_size, device):
-            x = model_inputs(normalizer, images, masks, positions_only)
+        for images, masks, imputed, y in _batches(train, keep, order, recipe.batch_size, device, train_imputed):
+            x = model_inputs(normalizer, images, masks, positions_only, imputed)
             x = augment(x, recipe.crop_padding, recipe.flip, normalizer.baseline, generator, recipe.min_scale)
             x = x.contiguous(memory_format=torch.channels_last)
             if recipe.adversarial_epsilon > 0:  # attacked in training mode, as Madry et al.'s reference does
@@ -256,7 +265,7 @@ def train_model(
         row = {"epoch": epoch + 1, "train_loss": loss_sum.item() / n, "train_accuracy": correct.item() / n,
                "seconds": seconds, "images_per_second": n / seconds}
         if test is not None:
-            probs = predict_split(model, normalizer, test_images, test_keep, positions_only)
+            probs = predict_split(model, normalizer, test_images, test_keep, positions_only, imputed=test_imputed)
             row["test_accuracy"] = (probs.argmax(1) == test_labels).float().mean().item()
         trainer.end_epoch(row)
         bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc=f"{row['train_accuracy']:.3f}",
