@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from conftest import REPO
-from overinterp.corruptions import convert, evaluate, load_grid, severity_table
+from overinterp.corruptions import convert, evaluate, evaluate_sample, load_grid, severity_table
 from overinterp.data import Normalizer, load_split
 from overinterp.utils import DataError
 
@@ -156,6 +156,33 @@ def test_evaluate_scores_every_cell_and_positions_only_models_ignore_corruptions
     assert positions["accuracy"].nunique() == 1
 
 
+def test_the_sample_is_scored_per_cell_on_subsets_chosen_on_each_corrupted_image(cifar10c_archive, cifar_npz,
+                                                                                 tmp_path):
+    convert(cifar10c_archive[0], cifar_npz, tmp_path / "grid.npz", tmp_path / "s.npz", SMOKE["corruptions"],
+            100, 20, 30)
+    sample, shift = load_split(tmp_path / "s.npz", "test"), np.load(tmp_path / "s.npz")
+    clean = load_split(cifar_npz, "test", 100)
+    generator = torch.Generator().manual_seed(0)
+    keep = torch.rand(30, 1, 32, 32, generator=generator) < 0.05
+    clean_keep = torch.rand(100, 1, 32, 32, generator=generator) < 0.05
+    results = evaluate_sample(MeanColour(), Normalizer(), sample, shift["test_corruption"], shift["test_severity"],
+                              keep, clean, clean_keep)
+    assert results.loc[0, "corruption"] == "none" and results.loc[0, "images"] == 100
+    expected = (MeanColour()(Normalizer()(clean.images, clean_keep)).argmax(1) == clean.labels).float().mean()
+    assert results.loc[0, "accuracy"] == pytest.approx(float(expected))
+    assert results["images"][1:].sum() == 30  # every sample image in exactly one cell
+    for _, row in results[1:].iterrows():
+        rows = torch.from_numpy(np.flatnonzero((shift["test_corruption"] == row["corruption"])
+                                               & (shift["test_severity"] == row["severity"])))
+        predicted = MeanColour()(Normalizer()(sample.images[rows], keep[rows])).argmax(1)
+        assert row["images"] == len(rows)
+        assert row["accuracy"] == pytest.approx(float((predicted == sample.labels[rows]).float().mean()))
+    # the subsets matter: the same images on other subsets score otherwise
+    other = evaluate_sample(MeanColour(), Normalizer(), sample, shift["test_corruption"], shift["test_severity"],
+                            ~keep, clean, ~clean_keep)
+    assert not np.allclose(other["mean_confidence"], results["mean_confidence"])
+
+
 def test_severity_table_averages_corruptions_then_models():
     rows = []
     for seed, shift in ((0, 0.0), (1, 0.1)):
@@ -173,20 +200,32 @@ def test_severity_table_averages_corruptions_then_models():
     assert full["severity 1"] == pytest.approx(0.85 - 0.2) and full["severity 2"] == pytest.approx(0.85 - 0.4)
     assert full["kept of clean"] == pytest.approx((0.65 + 0.45) / 2 / 0.85)
     assert table.loc["positions-only 5%", "kept of clean"] == pytest.approx(1.0)
+    named = severity_table(pd.DataFrame(rows).assign(evaluated="original", chosen_on="corrupted"))
+    assert "selecting model on BS 5% (corrupted image's subsets)" in set(named["condition"])
 
 
 @pytest.mark.slow
 def test_smoke_run_evaluates_every_model_on_cifar10c_and_selects_on_its_sample(smoke_run):
     results = smoke_run / "results"
     table = pd.read_csv(results / "tables/corruptions.csv")
+    chosen = " (corrupted image's subsets)"
     assert set(table["condition"]) == {"full image", "input dropout", "ensemble", "retrained on BS 5%",
-                                       "retrained on random 5%", "positions-only 5%"}
+                                       "retrained on random 5%", "positions-only 5%",
+                                       "selecting model on BS 5%" + chosen, "retrained on BS 5%" + chosen,
+                                       "positions-only 5%" + chosen}
     assert table.set_index("condition").loc["full image", "models"] == 2  # both seeds, averaged
     positions = table.set_index("condition").loc["positions-only 5%"]
     assert positions["kept of clean"] == pytest.approx(1.0)  # a corruption moves values, not positions
     cells = pd.read_csv(results / "tables/corruptions-cells.csv")
     assert set(cells["corruption"]) == {"none", *SMOKE["corruptions"]}
-    assert (cells["images"] == SMOKE["images_per_cell"]).all()
+    grid = cells[cells["chosen_on"] != "corrupted"]
+    assert (grid["images"] == SMOKE["images_per_cell"]).all()
+    # on the sample: its images spread over the cells, the clean row the test split on its own subsets
+    sample = cells[(cells["chosen_on"] == "corrupted") & (cells["model"] == "tiny-s0")]
+    for _, rows in sample.groupby(["evaluated", "subset", "seed"]):
+        assert rows["images"].iloc[1:].sum() == SMOKE["sample"]["size"]
+        assert rows["images"].iloc[0] == 100 and rows["corruption"].iloc[0] == "none"
+    assert len(sample.groupby(["evaluated", "subset", "seed"])) == 1 + 2 * 2  # selecting model; BS, positions x 2 seeds
     for image in ("png", "pdf"):
         assert (results / f"figures/corruptions.{image}").stat().st_size > 10_000
     # backward selection of the sample, and its misclassified-vs-correct rows beside the test images'

@@ -46,6 +46,9 @@ def test_paper_configuration_builds_its_dag(tmp_path):
     assert counts["download_cifar10c"] == counts["cifar10c_dataset"] == 1
     assert counts["corruptions_full_image"] == 9 + 3 + 3 + 4
     assert counts["corruptions_retrained"] == 6 * 3 * 3
+    # and on subsets chosen on each corrupted image of the sample: each selecting model, and the models
+    # retrained on its BS and positions-only subsets
+    assert counts["corruptions_chosen_on_corrupted"] == 6 * (1 + 2 * 3)
     assert "results/sis/cifar_resnet18-adv-s0/exact/cifar10c.npz" in dry.stdout
     for model in ("cifar_resnet20-s0", "cifar_resnet18-s1", "cifar_vgg16_bn-s2"):
         assert f"results/models/{model}/model.pt" in dry.stdout

@@ -9,6 +9,9 @@ severities, as the pipeline reads it.
 - ``evaluate``: a model's accuracy on every (corruption, severity) of the grid, and on the same images clean;
   models trained on pixel subsets see the same subset of the corrupted image (the kept positions are where
   the selecting model looked on the clean image; a corruption changes the values there, not the positions).
+  With ``--sample``: the SIS sample per (corruption, severity) on subsets chosen on each corrupted image by
+  backward selection of the sample, so that the clean image's positions, which alone often tell the class,
+  do not flatter models trained on subsets.
 - ``table``: accuracy against severity per kind of model, a table and a figure.
 - ``make-archive``: an archive of the official layout made here from the CIFAR-10 archive with the
   ``imagecorruptions`` package (the same 19 corruptions, re-implemented), for machines that cannot download
@@ -149,27 +152,42 @@ def load_grid(path) -> dict[str, np.ndarray]:
 
 
 # ---------------------------------------------------------------------------------------- evaluating
+def _cell(model, normalizer, images, labels, keep, positions_only, corruption, severity) -> dict:
+    from .evaluate import predict_split
+
+    confidence, prediction = predict_split(model, normalizer, images, keep, positions_only).max(1)
+    return {"corruption": corruption, "severity": severity, "images": len(labels),
+            "accuracy": float((prediction == labels).float().mean()),
+            "mean_confidence": float(confidence.mean())}
+
+
 def evaluate(model, normalizer, grid: dict, clean_images, keep=None, positions_only: bool = False) -> pd.DataFrame:
     """Accuracy and mean confidence of the predicted class on every (corruption, severity) of ``grid``, and
     on ``clean_images`` (the same test images uncorrupted: corruption "none", severity 0)."""
     import torch
     from tqdm import tqdm
 
-    from .evaluate import predict_split
-
     labels = torch.from_numpy(grid["labels"].astype(np.int64))
-
-    def row(corruption, severity, images):
-        probs = predict_split(model, normalizer, images, keep, positions_only)
-        confidence, prediction = probs.max(1)
-        return {"corruption": corruption, "severity": severity, "images": len(labels),
-                "accuracy": float((prediction == labels).float().mean()),
-                "mean_confidence": float(confidence.mean())}
-
-    rows = [row("none", 0, clean_images)]
+    rows = [_cell(model, normalizer, clean_images, labels, keep, positions_only, "none", 0)]
     cells = [(c, s) for c in range(len(grid["corruptions"])) for s in range(len(grid["severities"]))]
     for c, s in tqdm(cells, desc="corruptions x severities", unit="cell"):
-        rows.append(row(str(grid["corruptions"][c]), int(grid["severities"][s]), torch.from_numpy(grid["images"][c, s])))
+        rows.append(_cell(model, normalizer, torch.from_numpy(grid["images"][c, s]), labels, keep, positions_only,
+                          str(grid["corruptions"][c]), int(grid["severities"][s])))
+    return pd.DataFrame(rows)
+
+
+def evaluate_sample(model, normalizer, sample, corruption: np.ndarray, severity: np.ndarray, keep, clean,
+                    clean_keep, positions_only: bool = False) -> pd.DataFrame:
+    """As :func:`evaluate`, on the SIS sample (``sample``, a test split, with each image's ``corruption`` and
+    ``severity``) with keep-masks chosen on each corrupted image itself; the clean row is ``clean`` (the
+    test split) with its own keep-masks ``clean_keep``. Cells the sample does not reach have no row."""
+    import torch
+
+    rows = [_cell(model, normalizer, clean.images, clean.labels, clean_keep, positions_only, "none", 0)]
+    for (name, level), members in pd.DataFrame({"c": corruption, "s": severity}).groupby(["c", "s"]):
+        picks = torch.tensor(members.index.to_numpy())
+        rows.append(_cell(model, normalizer, sample.images[picks], sample.labels[picks],
+                          keep[picks] if keep is not None else None, positions_only, str(name), int(level)))
     return pd.DataFrame(rows)
 
 
@@ -183,12 +201,20 @@ CONDITIONS = {
     ("pretrained", "full"): "pretrained",
 }
 SUBSET_CONDITIONS = {"bs": "retrained on BS {}", "random": "retrained on random {}", "positions": "positions-only {}"}
+# Subsets chosen by backward selection of each corrupted image (tag chosen_on=corrupted; `evaluate --sample`)
+# rather than the clean image's subsets carried over to its corrupted versions.
+CHOSEN_ON_CORRUPTED = " (corrupted image's subsets)"
 
 
 def condition_of(tags: pd.Series) -> str:
     if tags["subset"] == "full":
         return CONDITIONS.get((tags["kind"], "full"), str(tags["kind"]))
-    return SUBSET_CONDITIONS[tags["subset"]].format(f"{100 * float(tags['fraction']):g}%")
+    fraction = f"{100 * float(tags['fraction']):g}%"
+    if tags.get("evaluated") == "original":
+        name = f"selecting model on BS {fraction}"
+    else:
+        name = SUBSET_CONDITIONS[tags["subset"]].format(fraction)
+    return name + (CHOSEN_ON_CORRUPTED if tags.get("chosen_on") == "corrupted" else "")
 
 
 def severity_table(results: pd.DataFrame) -> pd.DataFrame:
@@ -217,10 +243,10 @@ def severity_figure(table: pd.DataFrame, prefix):
 
     from .figures import OKABE_ITO, STYLE, WIDTH, _percent_axis, save_figure
 
-    colors = {"full image": "#555555", "input dropout": OKABE_ITO["purple"], "ensemble": OKABE_ITO["sky"],
-              "adversarial": OKABE_ITO["vermillion"], "pretrained": OKABE_ITO["black"],
+    colors = {"full image": "#555555", "input dropout": OKABE_ITO["purple"], "ensemble": OKABE_ITO["black"],
+              "adversarial": OKABE_ITO["vermillion"], "pretrained": "#999999",
               "retrained on BS": OKABE_ITO["blue"], "retrained on random": OKABE_ITO["orange"],
-              "positions-only": OKABE_ITO["green"]}
+              "positions-only": OKABE_ITO["green"], "selecting model": OKABE_ITO["sky"]}
     severities = [c for c in table.columns if c.startswith("severity ")]
     x = [0] + [int(c.split()[1]) for c in severities]
     architectures = list(dict.fromkeys(table["architecture"]))
@@ -234,7 +260,8 @@ def severity_figure(table: pd.DataFrame, prefix):
                 name = row["condition"]
                 color = next((c for key, c in colors.items() if name.startswith(key)), "#999999")
                 style = {"color": color, "marker": "o", "ms": 3, "lw": 1.3,
-                         "ls": "--" if " on " in name or name.startswith("positions") else "-"}
+                         "ls": ":" if name.endswith(CHOSEN_ON_CORRUPTED)
+                         else "--" if " on " in name or name.startswith("positions") else "-"}
                 absolute.plot(x, values, label=f"{name} ({row['models']:g})", **style)
                 relative.plot(x, values / values[0], **style)
                 top = max(top, float(np.nanmax(values / values[0])) * 1.05)
@@ -249,7 +276,8 @@ def severity_figure(table: pd.DataFrame, prefix):
             _percent_axis(ax)
         handles, labels = axes[0, 0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="outside lower center", ncol=3, frameon=False, fontsize=7,
-                   title="condition (models averaged); dashed: trained and tested on pixel subsets",
+                   title="condition (models averaged); dashed: on pixel subsets of the clean image, dotted: chosen on each "
+                         "corrupted image (the SIS sample)",
                    title_fontsize=6.5)
         fig.suptitle("CIFAR-10-C: accuracy against corruption severity", fontsize=9)
         return save_figure(fig, prefix)
@@ -360,10 +388,15 @@ def add_commands(subparsers) -> None:
     c.add_argument("--sample", required=True, help="SIS sample, a dataset file (.npz)")
     c.set_defaults(handler=run_convert)
     e = sub.add_parser("evaluate", help="a model's accuracy on every corruption and severity")
-    e.add_argument("--grid", required=True, help="evaluation grid (.npz) of `corruptions convert`")
+    images = e.add_mutually_exclusive_group(required=True)
+    images.add_argument("--grid", help="evaluation grid (.npz) of `corruptions convert`")
+    images.add_argument("--sample", help="the SIS sample (.npz) of `corruptions convert`, on subsets chosen on each "
+                                         "corrupted image (--sample-keep-masks)")
     e.add_argument("--data", required=True, help="the dataset file (.npz), for the same images clean")
     e.add_argument("--model", required=True, help="model file (.pt)")
     e.add_argument("--keep-masks", default=None, help="evaluate on these pixel subsets (of the clean test images)")
+    e.add_argument("--sample-keep-masks", default=None,
+                   help="with --sample: pixel subsets of the sample's images (backward selection of the sample)")
     e.add_argument("--positions-only", action="store_true", help="feed the keep-masks alone (models trained so)")
     add_normalization_arguments(e)
     add_device_argument(e)
@@ -396,27 +429,50 @@ def run_convert(args) -> int:
     return 0
 
 
-def run_evaluate(args) -> int:
+def _test_images(data, index, source):
+    """The test images of dataset file ``data`` at ``index`` (the rows ``source`` was made for)."""
+    import dataclasses
+
     import torch
 
+    from .data import load_split
+
+    clean = load_split(data, "test")
+    position = {int(row): i for i, row in enumerate(clean.index)}
+    missing = [int(row) for row in index if int(row) not in position]
+    if missing:
+        raise DataError(f"{source} holds test images ({len(missing)}) that {data} does not: it was made from "
+                        "another dataset file. Rebuild it from this one.")
+    rows = torch.as_tensor([position[int(row)] for row in index])
+    return dataclasses.replace(clean, images=clean.images[rows], labels=clean.labels[rows],
+                               index=clean.index[rows.numpy()])
+
+
+def run_evaluate(args) -> int:
     from .data import load_split, normalizer_from_args
     from .evaluate import parse_tags
     from .models import load_model
     from .subsets import load_packed_keep_masks
     from .utils import resolve_device
 
-    grid = load_grid(args.grid)
-    clean = load_split(args.data, "test")
-    position = {int(row): i for i, row in enumerate(clean.index)}
-    missing = [int(row) for row in grid["index"] if int(row) not in position]
-    if missing:
-        raise DataError(f"{args.grid} holds test images ({len(missing)}) that {args.data} does not: it was made "
-                        "from another dataset file. Rerun `corruptions convert` with this one.")
-    clean_images = clean.images[torch.as_tensor([position[int(row)] for row in grid["index"]])]
-    keep = load_packed_keep_masks(args.keep_masks, "test", grid["index"]) if args.keep_masks else None
-    device = resolve_device(args.device)
-    results = evaluate(load_model(args.model, device), normalizer_from_args(args), grid, clean_images, keep,
-                       args.positions_only)
+    model = load_model(args.model, resolve_device(args.device))
+    if args.grid:
+        grid = load_grid(args.grid)
+        clean = _test_images(args.data, grid["index"], args.grid)
+        keep = load_packed_keep_masks(args.keep_masks, "test", grid["index"]) if args.keep_masks else None
+        results = evaluate(model, normalizer_from_args(args), grid, clean.images, keep, args.positions_only)
+    else:
+        if not (args.keep_masks and args.sample_keep_masks):
+            raise DataError("--sample needs --sample-keep-masks (subsets of the sample's images) and --keep-masks "
+                            "(subsets of the clean test images, for the clean row)")
+        sample = load_split(args.sample, "test")
+        shift = load_npz(args.sample, required=("test_corruption", "test_severity"))
+        clean_index = load_npz(args.keep_masks, required=("test_index",))["test_index"]
+        clean = _test_images(args.data, clean_index, args.keep_masks)
+        results = evaluate_sample(
+            model, normalizer_from_args(args), sample, shift["test_corruption"], shift["test_severity"],
+            load_packed_keep_masks(args.sample_keep_masks, "test", sample.index), clean,
+            load_packed_keep_masks(args.keep_masks, "test", clean.index), args.positions_only)
     for key, value in parse_tags(args.tag).items():
         results[key] = value
     save_dataframe(args.out, results)
@@ -427,9 +483,9 @@ def run_table(args) -> int:
     from .analysis import readable_table
 
     results = pd.concat([pd.read_csv(path).assign(model_id=path) for path in args.results], ignore_index=True)
-    for column, default in (("architecture", "model"), ("kind", "single"), ("subset", "full"), ("fraction", np.nan)):
-        if column not in results:
-            results[column] = default
+    for column, default in (("architecture", "model"), ("kind", "single"), ("subset", "full"), ("fraction", np.nan),
+                            ("evaluated", "trained"), ("chosen_on", "clean")):
+        results[column] = results[column].fillna(default) if column in results else default
     table = severity_table(results)
     save_dataframe(f"{args.out}.csv", table)
     save_dataframe(f"{args.out}.md", readable_table(table))

@@ -286,13 +286,14 @@ def parse_subset(name):
     }
 
 
-def keep_masks(model, subset, test_only=False):
+def keep_masks(model, subset, alone=None):
     """The keep-mask file a subset name refers to (positions-only reuses the backward-selection masks);
-    ``test_only`` needs backward selection of the test images alone."""
+    ``alone``: backward selection of that split's images alone ("test", or "cifar10c": the CIFAR-10-C
+    sample)."""
     parsed = parse_subset(subset)
     if parsed["subset"] == "random":
         return f"results/subsets/random-{parsed['fraction']}.npz"
-    suffix = "-test" if test_only else ""
+    suffix = f"-{alone}" if alone else ""
     return f"results/subsets/{model}/{parsed['method']}/bs-{parsed['fraction']}{suffix}.npz"
 
 
@@ -932,7 +933,7 @@ def swap_entries(model):
     fraction = FRACTIONS[0]
     bs = f"{SIS_METHOD}-bs-{fraction}"
     entries = [
-        ("original", f"results/models/{model}/model.pt", keep_masks(model, bs, True))
+        ("original", f"results/models/{model}/model.pt", keep_masks(model, bs, "test"))
     ]
     for subset, name in (
         (bs, "retrained on BS"),
@@ -1058,7 +1059,23 @@ def corruption_runs():
         for subset in subsets
         for seed in RETRAIN_SEEDS
     ]
+    # the same on subsets chosen on each corrupted image of the sample: the selecting model and the models
+    # trained on its subsets
+    chosen = [subset for subset in subsets if not subset.startswith("random")]
+    runs += [
+        f"results/corruptions/{model}/chosen-on-corrupted/{run}.csv"
+        for model in CIFAR10C_SIS_MODELS
+        for run in [chosen[0]]
+        + [f"{subset}-s{seed}" for subset in chosen for seed in RETRAIN_SEEDS]
+    ]
     return runs
+
+
+def parse_run(run):
+    """(subset, retrain seed or None) of "<subset>-s<seed>" (a retrained model) or "<subset>" (the selecting
+    model)."""
+    match = re.fullmatch(rf"(?P<subset>{SUBSET_PATTERN})(-s(?P<seed>\d+))?", run)
+    return match["subset"], match["seed"]
 
 
 def misclassified_entries():
@@ -1081,6 +1098,21 @@ def misclassified_entries():
         for model in CIFAR10C_SIS_MODELS
     ]
     return entries
+
+
+def chosen_on_corrupted_model(model, run):
+    subset, seed = parse_run(run)
+    if seed is None:
+        return f"results/models/{model}/model.pt"
+    return f"results/retrain/{model}/{subset}-s{seed}/model.pt"
+
+
+def chosen_on_corrupted_tags(model, run):
+    subset, seed = parse_run(run)
+    evaluated = "original" if seed is None else "trained"
+    return (
+        f"{evaluation_tags(model, evaluated, subset, seed)} --tag chosen_on=corrupted"
+    )
 
 
 def corruption_outputs():

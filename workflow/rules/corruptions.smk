@@ -101,6 +101,38 @@ rule corruptions_retrained:
         "--out {output} 2> {log}"
 
 
+# The CIFAR-10-C sample on subsets backward selection chose on each corrupted image (not carried over from the
+# clean image, whose positions alone betray the class): the selecting model, and the models retrained on its
+# subsets. The clean row is the test split on its own subsets.
+rule corruptions_chosen_on_corrupted:
+    input:
+        sample=CIFAR10C_SAMPLE,
+        data=DATASET,
+        model=lambda w: chosen_on_corrupted_model(w.model, w.run),
+        masks=lambda w: keep_masks(w.model, parse_run(w.run)[0], "cifar10c"),
+        clean_masks=lambda w: keep_masks(w.model, parse_run(w.run)[0], "test"),
+    output:
+        "results/corruptions/{model}/chosen-on-corrupted/{run}.csv",
+    log:
+        "logs/corruptions/{model}/chosen-on-corrupted/{run}.log",
+    wildcard_constraints:
+        run=rf"({SUBSET_PATTERN})(-s\d+)?",
+    conda:
+        "../../envs/overinterp.yaml"
+    params:
+        norm=normalization_args(),
+        positions=lambda w: (
+            "--positions-only"
+            if parse_subset(parse_run(w.run)[0])["subset"] == "positions"
+            else ""
+        ),
+        tags=lambda w: chosen_on_corrupted_tags(w.model, w.run),
+    shell:
+        "python -m overinterp corruptions evaluate --sample {input.sample} --data {input.data} "
+        "--model {input.model} --sample-keep-masks {input.masks} --keep-masks {input.clean_masks} "
+        "{params.positions} {params.norm} {params.tags} --out {output} 2> {log}"
+
+
 rule corruptions_table:
     input:
         corruption_runs(),

@@ -19,14 +19,16 @@ rule backselect_subsets:
         "--fraction {wildcards.fraction} {params.by} --out {output} 2> {log}"
 
 
-# Keep-masks of the test images alone, to evaluate a model on its own subsets.
+# Keep-masks of the test images (or of the CIFAR-10-C sample) alone, to evaluate a model on its own subsets.
 rule backselect_test_subsets:
     input:
-        test="results/sis/{model}/{method}/test.npz",
+        test="results/sis/{model}/{method}/{split}.npz",
     output:
-        "results/subsets/{model}/{method}/bs-{fraction}-test.npz",
+        "results/subsets/{model}/{method}/bs-{fraction}-{split}.npz",
     log:
-        "logs/subsets/{model}/{method}-bs-{fraction}-test.log",
+        "logs/subsets/{model}/{method}-bs-{fraction}-{split}.log",
+    wildcard_constraints:
+        split="test|cifar10c",
     conda:
         "../../envs/overinterp.yaml"
     params:
@@ -61,7 +63,7 @@ rule evaluate_on_subsets:
     input:
         data=DATASET,
         model="results/models/{model}/model.pt",
-        masks=lambda w: keep_masks(w.model, w.subset, test_only=True),
+        masks=lambda w: keep_masks(w.model, w.subset, "test"),
     output:
         predictions="results/eval/{model}/{subset}.csv",
         summary="results/eval/{model}/{subset}.json",
