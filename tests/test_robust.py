@@ -7,8 +7,9 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
-from conftest import REPO, snakemake
+from conftest import REPO, job_counts, snakemake
 from overinterp.data import Normalizer
 from overinterp.models import build_model
 from overinterp.robust import pgd, robust_predictions
@@ -46,15 +47,25 @@ def test_adversarial_training_is_refused_on_pixel_subsets(cifar_npz):
                     torch.device("cpu"), keep=torch.ones(20, 1, 32, 32, dtype=torch.bool))
 
 
+SMOKE_RETRAIN_SEEDS = yaml.safe_load((REPO / "config/smoke.yaml").read_text())["subsets"]["retrain_seeds"]
+
+
 @pytest.mark.slow
 def test_an_adversarially_trained_model_goes_through_the_same_chain(smoke_run, tmp_path):
     """The smoke run extended by `adversarial.enabled`: the new model is trained with PGD, selects pixels and
     is retrained on them like the standard models, and both get clean and PGD accuracy."""
     run = tmp_path / "run"
     shutil.copytree(smoke_run, run, symlinks=True)
-    snakemake(run, "--config", "adversarial={enabled: true, steps: 2, eval_steps: 2}", "--cores", "2",
-              "results/tables/robustness.csv", "results/tables/mitigation.csv",
-              configfiles=(REPO / "config/smoke.yaml", run / "source.yaml"))
+    shared = "results/retrain/tiny-adv-s0/random-0.05-s0"
+    done = snakemake(run, "--config", "adversarial={enabled: true, steps: 2, eval_steps: 2}", "--cores", "2",
+                     "results/tables/robustness.csv", "results/tables/mitigation.csv", f"{shared}/test.json",
+                     configfiles=(REPO / "config/smoke.yaml", run / "source.yaml"))
+    # its random-subset model is the standard model's, copied (the same masks): only the BS ones are trained
+    jobs = job_counts(done.stdout + done.stderr)
+    assert jobs["share_random_retrain"] == 1 and jobs["retrain"] == len(SMOKE_RETRAIN_SEEDS), jobs
+    standard = run / "results/retrain/tiny-s0/random-0.05-s0/model.pt"
+    assert (run / shared / "model.pt").read_bytes() == standard.read_bytes()
+    assert json.loads((run / shared / "test.json").read_text())["architecture"] == "tiny-adv"
     robustness = pd.read_csv(run / "results/tables/robustness.csv").set_index("model")
     assert robustness.loc["tiny-adv-s0", "kind"] == "adversarial" and robustness.loc["tiny-s0", "kind"] == "single"
     assert (robustness["robust_accuracy"] <= robustness["clean_accuracy"]).all()

@@ -41,6 +41,9 @@ def test_paper_configuration_builds_its_dag(tmp_path):
     # (and the 6 selecting models on the CIFAR-10-C sample)
     assert counts["evaluate"] == 9 + 3 + 3 + 4 + 6
     assert counts["robustness"] == 3 + 3 and counts["control_masking_retrain"] == 3 * 3 * 3 * 3
+    # models retrained on the 6 selecting models' BS, random and positions-only subsets at 4 fractions with 3
+    # seeds, but an adversarial model's random-subset models are the standard model's, copied (same masks)
+    assert counts["retrain"] == 6 * 3 * 4 * 3 - 3 * 4 * 3 and counts["share_random_retrain"] == 3 * 4 * 3
     # CIFAR-10-C: one download and conversion; every full-image model, and the models retrained on the
     # 6 selecting models' BS, random and positions-only subsets at Table 1's fraction (3 retrain seeds)
     assert counts["download_cifar10c"] == counts["cifar10c_dataset"] == 1

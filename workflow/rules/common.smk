@@ -371,6 +371,11 @@ def parse_model(model):
     }
 
 
+def standard_model(model):
+    """The standard selecting model of a model's architecture."""
+    return f"{arch_of(model)}-s{sis_seed()}"
+
+
 def arch_of(model):
     """The architecture of a model; for an ensemble, the one models retrained on its subsets get."""
     return parse_model(model)["arch"]

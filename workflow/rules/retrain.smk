@@ -1,6 +1,31 @@
 # Fresh models trained and tested on pixel subsets (backward selection, random, mask positions only).
 
 
+# Random subsets do not depend on the selecting model: an adversarially trained or input-dropout model's
+# random-subset models are the standard model's of the same architecture (the same masks, network, recipe and
+# seeds), copied rather than trained again.
+ruleorder: share_random_retrain > retrain
+
+
+localrules:
+    share_random_retrain,
+
+
+rule share_random_retrain:
+    input:
+        model=lambda w: f"results/retrain/{standard_model(w.model)}/random-{w.fraction}-s{w.seed}/model.pt",
+        metrics=lambda w: f"results/retrain/{standard_model(w.model)}/random-{w.fraction}-s{w.seed}/metrics.csv",
+    output:
+        model="results/retrain/{model}/random-{fraction}-s{seed}/model.pt",
+        metrics="results/retrain/{model}/random-{fraction}-s{seed}/metrics.csv",
+    log:
+        "logs/retrain/{model}/random-{fraction}-s{seed}.log",
+    wildcard_constraints:
+        model=r"[A-Za-z0-9_]+?-(dropout|adv)-s\d+",
+    shell:
+        "(cp {input.model} {output.model} && cp {input.metrics} {output.metrics}) 2> {log}"
+
+
 rule retrain:
     input:
         data=DATASET,
