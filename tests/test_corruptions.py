@@ -183,6 +183,15 @@ def test_the_sample_is_scored_per_cell_on_subsets_chosen_on_each_corrupted_image
     assert not np.allclose(other["mean_confidence"], results["mean_confidence"])
 
 
+def test_the_sample_is_refused_without_both_subsets(tmp_path, capsys):
+    from overinterp.cli import main
+
+    assert main(["corruptions", "evaluate", "--sample", "s.npz", "--data", "d.npz", "--model", "m.pt",
+                 "--keep-masks", "t.npz", "--out", str(tmp_path / "out.csv")]) == 2
+    assert "--sample needs --sample-keep-masks" in capsys.readouterr().err
+    assert not (tmp_path / "out.csv").exists()
+
+
 def test_severity_table_averages_corruptions_then_models():
     rows = []
     for seed, shift in ((0, 0.0), (1, 0.1)):

@@ -455,6 +455,9 @@ def run_evaluate(args) -> int:
     from .subsets import load_packed_keep_masks
     from .utils import resolve_device
 
+    if args.sample and not (args.keep_masks and args.sample_keep_masks):
+        raise DataError("--sample needs --sample-keep-masks (subsets of the sample's images) and --keep-masks "
+                        "(subsets of the clean test images, for the clean row)")
     model = load_model(args.model, resolve_device(args.device))
     if args.grid:
         grid = load_grid(args.grid)
@@ -462,9 +465,6 @@ def run_evaluate(args) -> int:
         keep = load_packed_keep_masks(args.keep_masks, "test", grid["index"]) if args.keep_masks else None
         results = evaluate(model, normalizer_from_args(args), grid, clean.images, keep, args.positions_only)
     else:
-        if not (args.keep_masks and args.sample_keep_masks):
-            raise DataError("--sample needs --sample-keep-masks (subsets of the sample's images) and --keep-masks "
-                            "(subsets of the clean test images, for the clean row)")
         sample = load_split(args.sample, "test")
         shift = load_npz(args.sample, required=("test_corruption", "test_severity"))
         clean_index = load_npz(args.keep_masks, required=("test_index",))["test_index"]
