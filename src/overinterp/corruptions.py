@@ -259,7 +259,7 @@ def severity_figure(table: pd.DataFrame, prefix):
                 values = np.array([row["clean"]] + [row[c] for c in severities], dtype=float)
                 name = row["condition"]
                 color = next((c for key, c in colors.items() if name.startswith(key)), "#999999")
-                style = {"color": color, "marker": "o", "ms": 3, "lw": 1.3,
+                style = {"color": color, "marker": "s" if name == "ensemble" else "o", "ms": 3, "lw": 1.3,
                          "ls": ":" if name.endswith(CHOSEN_ON_CORRUPTED)
                          else "--" if " on " in name or name.startswith("positions") else "-"}
                 absolute.plot(x, values, label=f"{name} ({row['models']:g})", **style)
@@ -274,8 +274,11 @@ def severity_figure(table: pd.DataFrame, prefix):
             ax.set_ylim(0, top)
         for ax in axes.flat:
             _percent_axis(ax)
-        handles, labels = axes[0, 0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="outside lower center", ncol=3, frameon=False, fontsize=7,
+        legend = {}  # every architecture's conditions (an adversarial model has a row of its own)
+        for ax in axes[:, 0]:
+            for handle, label in zip(*ax.get_legend_handles_labels()):
+                legend.setdefault(label, handle)
+        fig.legend(legend.values(), legend.keys(), loc="outside lower center", ncol=3, frameon=False, fontsize=7,
                    title="condition (models averaged); dashed: on pixel subsets of the clean image, dotted: chosen on each "
                          "corrupted image (the SIS sample)",
                    title_fontsize=6.5)
