@@ -197,7 +197,7 @@ def test_an_image_folder_of_its_own_classes_runs_the_same_chain(cifar_imagefolde
     # rules give the same models, SIS and Table 1.
     streamed = tmp_path / "streamed"
     config = folder_config(tmp_path / "streamed.yaml", root, stream=True)
-    snakemake(streamed, "--cores", "2", *targets, configfiles=(REPO / "config/smoke.yaml", config))
+    snakemake(streamed, "--cores", "2", "results/tables/table1.md", configfiles=(REPO / "config/smoke.yaml", config))
     listed = np.load(streamed / "data/imagefolder/dataset.npz")
     assert "train_images" not in listed and len(listed["train_files"]) == 90
     for path in ("results/models/tiny-s0/model.pt", "results/retrain/tiny-s0/gradient-bs-0.05-s0/model.pt"):

@@ -22,6 +22,8 @@ rule share_random_retrain:
         "logs/retrain/{model}/random-{fraction}-s{seed}.log",
     wildcard_constraints:
         model=r"[A-Za-z0-9_]+?-(dropout|adv)-s\d+",
+    conda:
+        "../../envs/overinterp.yaml"
     shell:
         "(cp {input.model} {output.model} && cp {input.metrics} {output.metrics}) 2> {log}"
 
